@@ -1,0 +1,154 @@
+"""Builds the `sparrow_kernels` package and its compiled ops `sparrow_kernels._C`.
+
+CPU kernels (csrc/*.cpp) always; CUDA kernels (csrc/cuda/*.cu) when a CUDA toolkit and a
+CUDA build of torch are present, or when forced with SPARROW_CUDA=1 (SPARROW_CUDA=0 forces a
+CPU-only build). Needs torch at build time: `pip install -e . --no-build-isolation`.
+Metadata lives in pyproject.toml; this file only adds what must be computed at build time.
+
+Environment: SPARROW_CUDA=0/1, TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"), MAX_JOBS,
+SPARROW_WERROR=1 (warnings are errors, host code of .cpp and .cu; CI sets it).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import site
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError as err:  # pragma: no cover - the message is the point
+    sys.exit("sparrow_kernels builds against the installed torch: install torch first, then run "
+             f"`pip install -e . --no-build-isolation` (or `pip wheel . --no-build-isolation`). ({err})")
+
+ROOT = Path(__file__).resolve().parent
+BASE_VERSION = "0.1.0"
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def _env_flag(name: str) -> bool | None:
+    """True / False for 1/0-like values, None when unset or empty."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    sys.exit(f"setup.py: {name} must be 0 or 1, got {os.environ[name]!r}")
+
+
+def _want_cuda() -> bool:
+    forced = _env_flag("SPARROW_CUDA")
+    toolkit = cpp_extension.CUDA_HOME is not None
+    if forced is True:
+        if torch.version.cuda is None or not toolkit:
+            sys.exit("setup.py: SPARROW_CUDA=1 but "
+                     + ("torch is a CPU-only build" if torch.version.cuda is None else
+                        "no CUDA toolkit was found (set CUDA_HOME to the directory holding bin/nvcc)"))
+        return True
+    if forced is False:
+        return False
+    return torch.version.cuda is not None and toolkit
+
+
+def _cuda_wheel_include_dirs() -> list[str]:
+    """Headers shipped by torch's CUDA wheels (cuBLAS, cuSPARSE, ... that ATen/cuda includes):
+    <site-packages>/nvidia/cu13/include (CUDA 13) and nvidia/cu12/include when present."""
+    roots = list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path
+    found = []
+    for root in roots:
+        for cu in ("cu13", "cu12"):
+            path = os.path.join(root, "nvidia", cu, "include")
+            if os.path.isdir(path) and path not in found:
+                found.append(path)
+    return found
+
+
+def _torch_tag(with_cuda: bool) -> str:
+    """Local version tag naming the torch (and CUDA) it was built for, e.g. torch2.14cu130."""
+    major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    device = "cu" + torch.version.cuda.replace(".", "") if with_cuda else "cpu"
+    return f"torch{major_minor}{device}"
+
+
+def _write_build_info(with_cuda: bool, arch_list: str | None) -> None:
+    """sparrow_kernels/_build_info.py: what _C was built for; __init__ compares it at import."""
+    text = (
+        '"""Written by setup.py at build time: the torch/CUDA this build of _C targets. Do not edit."""\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}\n"
+        f"WITH_CUDA = {with_cuda!r}\n"
+        f"CUDA_ARCH_LIST = {arch_list!r}\n"
+    )
+    path = ROOT / "sparrow_kernels" / "_build_info.py"
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def _extension(with_cuda: bool):
+    werror = bool(_env_flag("SPARROW_WERROR"))
+    cxx_flags = ["-O3", "-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    if werror:
+        cxx_flags.append("-Werror")
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    include_dirs = [str(ROOT / "csrc")]
+    define_macros = [("SPARROW_PYTHON_MODULE", None)]
+    if not with_cuda:
+        return cpp_extension.CppExtension(
+            "sparrow_kernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags})
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    if werror:
+        # host code of the .cu files; torch headers are -isystem under nvcc, so they stay quiet
+        nvcc_flags += ["-Xcompiler=-Wall,-Werror"]
+    define_macros.append(("SPARROW_WITH_CUDA", None))
+    return cpp_extension.CUDAExtension(
+        "sparrow_kernels._C", sources, include_dirs=include_dirs + _cuda_wheel_include_dirs(),
+        define_macros=define_macros, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+
+
+def _packages() -> tuple[list[str], dict[str, str]]:
+    """sparrow_kernels and its subpackages, plus the top-level triton_ops/ directory installed
+    as sparrow_kernels.triton_ops (so no generic `triton_ops` lands in site-packages)."""
+    packages = find_packages(include=["sparrow_kernels", "sparrow_kernels.*"])
+    package_dir = {}
+    if (ROOT / "triton_ops").is_dir():
+        packages.append("sparrow_kernels.triton_ops")
+        package_dir["sparrow_kernels.triton_ops"] = "triton_ops"
+        for sub in find_packages(where="triton_ops"):
+            packages.append(f"sparrow_kernels.triton_ops.{sub}")
+            package_dir[f"sparrow_kernels.triton_ops.{sub}"] = os.path.join("triton_ops", *sub.split("."))
+    return packages, package_dir
+
+
+def main() -> None:
+    os.chdir(ROOT)  # relative source paths in the Extension
+    with_cuda = _want_cuda()
+    arch_list = None
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+        arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+    _write_build_info(with_cuda, arch_list)
+    packages, package_dir = _packages()
+    print(f"sparrow_kernels: building _C with {'CUDA (arch ' + arch_list + ')' if with_cuda else 'CPU only'} "
+          f"against torch {torch.__version__}", file=sys.stderr)
+    setup(
+        version=f"{BASE_VERSION}+{_torch_tag(with_cuda)}",
+        packages=packages,
+        package_dir=package_dir,
+        package_data={"sparrow_kernels": ["checkpoints/**/*.safetensors", "checkpoints/**/*.json"]},
+        ext_modules=[_extension(with_cuda)],
+        # ninja when installed (parallel, honours MAX_JOBS); plain setuptools otherwise
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(
+            use_ninja=cpp_extension.is_ninja_available())},
+        zip_safe=False,
+    )
+
+
+main()

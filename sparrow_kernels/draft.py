@@ -1,0 +1,453 @@
+"""The Sparrow draft model: an EAGLE-style one-layer head over the target's hidden states
+whose self-attention is `sparrow_kernels.ops.window_attn` over the draft's own cache
+(text positions only for Sparrow/VATA; every position for the visual-KV baseline).
+It reuses the target's frozen embedding and final norm + LM head and never stores them;
+it does not choose which positions it sees (the engine / trainer gathers the features).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from . import ops
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class DraftConfig:
+    """Shape and behaviour of a draft head; saved as config.json next to model.safetensors."""
+
+    hidden_size: int                  # = target hidden size H (embedding and LM head are the target's)
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    feature_layers: tuple[int, ...]   # target layers fused into the draft input, e.g. (L,) or (2, L//2, L-3)
+    window: int = 0                   # text-anchored window (keys incl. the query); <= 0 unlimited
+    n_anchor: int = 0                 # first n_anchor draft-cache slots always visible
+    visual_kv: bool = False           # True: visual positions enter the draft cache (EAGLE/MSD baseline)
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    # Target layer whose states feed the *visual* entries when visual_kv is True (IVSB
+    # without VATA). None: the visual entries use `feature_layers` like the text ones.
+    visual_feature_layer: int | None = None
+
+    def __post_init__(self) -> None:
+        self.feature_layers = tuple(int(x) for x in self.feature_layers)
+        if not self.feature_layers:
+            raise ValueError("DraftConfig: feature_layers must name at least one target layer")
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"DraftConfig: num_heads={self.num_heads} must be a positive multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2 != 0 or self.head_dim > 256:
+            raise ValueError(f"DraftConfig: head_dim must be even and <= 256, got {self.head_dim}")
+        if self.n_anchor < 0:
+            raise ValueError(f"DraftConfig: n_anchor must be >= 0, got {self.n_anchor}")
+
+    @property
+    def feature_size(self) -> int:
+        """F: width of the target features the draft consumes (len(feature_layers) * H)."""
+        return len(self.feature_layers) * self.hidden_size
+
+    @property
+    def target_layers(self) -> tuple[int, ...]:
+        """Every target layer the engine must request at prefill / tree verification."""
+        extra = () if self.visual_feature_layer is None or not self.visual_kv else (self.visual_feature_layer,)
+        return tuple(dict.fromkeys(self.feature_layers + extra))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["feature_layers"] = list(self.feature_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DraftConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"DraftConfig: unknown config keys {unknown}")
+        return cls(**d)
+
+
+@dataclass
+class DraftCache:
+    """One decoder layer's K/V: k, v `[B, Hkv, capacity, head_dim]`; `lengths [B]` int64 committed
+    slots. Tree (scratch) nodes live in slots `lengths[b] + i` for i < scratch_len; their RoPE
+    positions are in `scratch_pos [B, scratch_len]`."""
+
+    k: Tensor
+    v: Tensor
+    lengths: Tensor
+    scratch_len: int = 0
+    scratch_pos: Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+
+class _FrozenTargetParts:
+    """Holds the target's embedding and LM head without registering them as submodules,
+    so they never appear in the draft's parameters or state_dict."""
+
+    def __init__(self, embed_tokens: nn.Module, lm_head: nn.Module):
+        self.embed_tokens = embed_tokens
+        self.lm_head = lm_head
+
+
+def _rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """RoPE (rotate-half convention) of `x [B, H, T, D]` at integer `positions [B, T]`."""
+    D = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)   # [D/2]
+    angles = positions.to(torch.float32)[:, None, :, None] * inv_freq                        # [B, 1, T, D/2]
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., : D // 2].float(), x[..., D // 2:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def _check_tensor(name: str, t, shape: tuple, dtype=None, device=None) -> None:
+    """`shape` entries: an int (must match) or None (any). Raises ValueError naming `name`."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"SparrowDraft: {name} must be a tensor, got {type(t).__name__}")
+    shown = "[" + ", ".join("?" if s is None else str(s) for s in shape) + "]"
+    if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+        raise ValueError(f"SparrowDraft: {name} must have shape {shown}, got {list(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"SparrowDraft: {name} must have dtype {dtype}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"SparrowDraft: {name} must be on {device}, got {t.device}")
+
+
+class SparrowDraft(nn.Module):
+    """`fc(concat(norm(embed(token_{t+1})), norm(fuse(feature_t))))` -> one decoder layer
+    (RMSNorm, GQA attention with RoPE over the draft's slot positions via window_attn,
+    SwiGLU MLP) -> hidden `[.., H]`; `logits()` applies the target's final norm + LM head."""
+
+    def __init__(self, config: DraftConfig, embed_tokens: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.config = config
+        H, D = config.hidden_size, config.head_dim
+        self.frozen = _FrozenTargetParts(embed_tokens, lm_head)
+        n_feature_layers = len(config.feature_layers)
+        # fuse: several target layers -> H (EAGLE-3); a single layer is used as is
+        self.feature_fuse = nn.Linear(n_feature_layers * H, H, bias=False) if n_feature_layers > 1 else None
+        self.embed_norm = nn.RMSNorm(H, eps=config.rms_norm_eps)
+        self.feature_norm = nn.RMSNorm(H, eps=config.rms_norm_eps)
+        self.fc = nn.Linear(2 * H, H, bias=False)
+        self.input_norm = nn.RMSNorm(H, eps=config.rms_norm_eps)
+        self.q_proj = nn.Linear(H, config.num_heads * D, bias=False)
+        self.k_proj = nn.Linear(H, config.num_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(H, config.num_kv_heads * D, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * D, H, bias=False)
+        self.post_attn_norm = nn.RMSNorm(H, eps=config.rms_norm_eps)
+        self.gate_proj = nn.Linear(H, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(H, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, H, bias=False)
+        self.training_info: dict = {}     # free-form metadata saved in config.json ("training")
+
+    # ------------------------------------------------------------------ building blocks
+    @property
+    def device(self) -> torch.device:
+        return self.fc.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fc.weight.dtype
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.config.head_dim)
+
+    def fuse(self, features: Tensor) -> Tensor:
+        """Target features `[.., F]` -> `[.., H]` (the slot a fed-back draft hidden takes)."""
+        return self.feature_fuse(features) if self.feature_fuse is not None else features
+
+    def input_states(self, tokens: Tensor, fused: Tensor) -> Tensor:
+        """tokens `[B, T]` and fused features `[B, T, H]` -> layer input `[B, T, H]`."""
+        token_embed = self.frozen.embed_tokens(tokens).to(self.dtype)             # [B, T, H]
+        both = torch.cat([self.embed_norm(token_embed), self.feature_norm(fused.to(self.dtype))], dim=-1)
+        return self.fc(both)                                                         # [B, T, H]
+
+    def qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer input `[B, T, H]` at `positions [B, T]` -> q `[B, Hq, T, D]`, k, v `[B, Hkv, T, D]`."""
+        cfg = self.config
+        B, T, _ = x.shape
+        h = self.input_norm(x)
+        q = self.q_proj(h).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)       # [B, Hq, T, D]
+        k = self.k_proj(h).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)    # [B, Hkv, T, D]
+        v = self.v_proj(h).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)    # [B, Hkv, T, D]
+        q = _rotate(q, positions, cfg.rope_theta).contiguous()
+        k = _rotate(k, positions, cfg.rope_theta).contiguous()
+        return q, k, v.contiguous()
+
+    def finish(self, x: Tensor, attn: Tensor) -> Tensor:
+        """Residual stream `x [B, T, H]` + attention output `[B, Hq, T, D]` -> draft hidden `[B, T, H]`."""
+        B, _, T, _ = attn.shape
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(B, T, -1))
+        h = self.post_attn_norm(x)
+        return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Target's frozen final norm + LM head: `[.., H]` -> `[.., V]`."""
+        return self.frozen.lm_head(hidden)
+
+    # ------------------------------------------------------------------ cache API (engine)
+    def new_cache(self, batch_size: int, capacity: int) -> DraftCache:
+        cfg = self.config
+        if batch_size < 1 or capacity < 1:
+            raise ValueError(f"SparrowDraft.new_cache: batch_size and capacity must be >= 1, "
+                             f"got {batch_size}, {capacity}")
+        shape = (batch_size, cfg.num_kv_heads, capacity, cfg.head_dim)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)                 # [B, Hkv, cap, D]
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)                 # [B, Hkv, cap, D]
+        lengths = torch.zeros(batch_size, dtype=torch.int64, device=self.device)     # [B]
+        return DraftCache(k=k, v=v, lengths=lengths)
+
+    def reset_scratch(self, cache: DraftCache) -> None:
+        cache.scratch_len = 0
+        cache.scratch_pos = None
+
+    def _check_cache(self, cache: DraftCache, B: int) -> None:
+        if not isinstance(cache, DraftCache):
+            raise ValueError(f"SparrowDraft: cache must be a DraftCache (from new_cache), got {type(cache).__name__}")
+        if cache.batch_size != B:
+            raise ValueError(f"SparrowDraft: cache was made for batch {cache.batch_size}, got inputs of batch {B}")
+
+    def _write(self, cache: DraftCache, k: Tensor, v: Tensor, slots: Tensor, keep: Tensor) -> None:
+        """Store k, v `[B, Hkv, T, D]` at cache slots `slots [B, T]` where `keep [B, T]`."""
+        rows, cols = keep.nonzero(as_tuple=True)                                     # [N], [N]
+        cache.k[rows, :, slots[rows, cols]] = k.transpose(1, 2)[rows, cols].to(cache.k.dtype)
+        cache.v[rows, :, slots[rows, cols]] = v.transpose(1, 2)[rows, cols].to(cache.v.dtype)
+
+    def extend(self, cache: DraftCache, tokens: Tensor, features: Tensor, valid: Tensor) -> Tensor:
+        """Commit T entries per row (entry t = target feature at position t + the token at t+1);
+        only the first valid[b] entries of row b are real. Drops scratch nodes first.
+        Returns draft hidden `[B, T, H]`; hidden[b, valid[b]-1] predicts the next token."""
+        cfg = self.config
+        _check_tensor("tokens", tokens, (None, None), torch.int64, self.device)
+        B, T = tokens.shape
+        self._check_cache(cache, B)
+        _check_tensor("features", features, (B, T, cfg.feature_size), None, self.device)
+        _check_tensor("valid", valid, (B,), torch.int64, self.device)
+        if T == 0:
+            raise ValueError("SparrowDraft.extend: tokens must hold at least one entry (T >= 1)")
+        self.reset_scratch(cache)
+        valid = valid.clamp(0, T)
+        new_lengths = cache.lengths + valid                                          # [B]
+        if bool((new_lengths > cache.capacity).any()):
+            b = int((new_lengths > cache.capacity).nonzero()[0, 0])
+            raise ValueError(f"SparrowDraft.extend: row {b} needs {int(new_lengths[b])} draft cache slots "
+                             f"but the cache capacity is {cache.capacity}")
+        offsets = torch.arange(T, device=self.device)
+        is_real = offsets[None, :] < valid[:, None]                                  # [B, T]
+        positions = cache.lengths[:, None] + offsets[None, :]                        # [B, T]
+        x = self.input_states(torch.where(is_real, tokens, 0).clamp(0, cfg.vocab_size - 1),
+                              self.fuse(features))                                   # [B, T, H]
+        q, k, v = self.qkv(x, positions)
+        self._write(cache, k, v, positions, is_real)
+        kv_len = new_lengths.clamp(min=1)                                            # [B]
+        used = int(kv_len.max())
+        attn, _ = ops.window_attn(q, cache.k[:, :, :used], cache.v[:, :, :used], kv_len, positions,
+                                  cfg.window, cfg.n_anchor, None, self.scale)        # [B, Hq, T, D]
+        cache.lengths = new_lengths
+        return self.finish(x, attn)
+
+    def draft_step(self, cache: DraftCache, tokens: Tensor, prev_hidden: Tensor, depth: Tensor,
+                   tree_mask: Tensor) -> Tensor:
+        """Expand K tree nodes per row without committing them. tokens `[B, K]`, prev_hidden
+        `[B, K, H]` (the draft hidden that predicted each node), depth `[B, K]` >= 1 (node
+        position = lengths + depth - 1), tree_mask `[B, K, M]` over all M scratch nodes so far
+        (the last K columns are these nodes). Returns hidden `[B, K, H]`."""
+        cfg = self.config
+        _check_tensor("tokens", tokens, (None, None), torch.int64, self.device)
+        B, K = tokens.shape
+        self._check_cache(cache, B)
+        M = cache.scratch_len + K
+        _check_tensor("prev_hidden", prev_hidden, (B, K, cfg.hidden_size), None, self.device)
+        _check_tensor("depth", depth, (B, K), torch.int64, self.device)
+        _check_tensor("tree_mask", tree_mask, (B, K, M), torch.bool, self.device)
+        if bool((depth < 1).any()):
+            raise ValueError(f"SparrowDraft.draft_step: depth must be >= 1, got min {int(depth.min())}")
+        if bool((cache.lengths + M > cache.capacity).any()):
+            raise ValueError(f"SparrowDraft.draft_step: {M} scratch nodes after the committed slots exceed "
+                             f"the cache capacity {cache.capacity} (max committed {int(cache.lengths.max())})")
+        positions = cache.lengths[:, None] + depth - 1                               # [B, K]
+        x = self.input_states(tokens.clamp(0, cfg.vocab_size - 1), prev_hidden)     # [B, K, H]
+        q, k, v = self.qkv(x, positions)
+        node_slots = cache.lengths[:, None] + cache.scratch_len + torch.arange(K, device=self.device)  # [B, K]
+        self._write(cache, k, v, node_slots, torch.ones_like(tokens, dtype=torch.bool))
+        scratch_pos = positions if cache.scratch_pos is None else torch.cat([cache.scratch_pos, positions], 1)
+        cache.scratch_pos, cache.scratch_len = scratch_pos, M                        # [B, M]
+
+        # 1) the committed prefix through the window kernel (window rule at each node's position)
+        has_prefix = cache.lengths > 0                                               # [B]
+        used = max(int(cache.lengths.max()), 1)
+        prefix_out, prefix_lse = ops.window_attn(
+            q, cache.k[:, :, :used], cache.v[:, :, :used], cache.lengths.clamp(min=1), positions,
+            cfg.window, cfg.n_anchor, None, self.scale)                              # [B, Hq, K, D], [B, Hq, K]
+        prefix_lse = prefix_lse.masked_fill(~has_prefix[:, None, None], float("-inf"))
+        # 2) the M scratch nodes: tree mask (ancestor-or-self), plus the window rule on positions
+        scratch_slots = cache.lengths[:, None] + torch.arange(M, device=self.device)  # [B, M]
+        index = scratch_slots[:, None, :, None].expand(B, cfg.num_kv_heads, M, cfg.head_dim)
+        group = cfg.num_heads // cfg.num_kv_heads
+        node_k = cache.k.gather(2, index).repeat_interleave(group, dim=1).float()    # [B, Hq, M, D]
+        node_v = cache.v.gather(2, index).repeat_interleave(group, dim=1).float()    # [B, Hq, M, D]
+        visible = tree_mask.clone()                                                  # [B, K, M]
+        if cfg.window > 0:
+            key_pos, query_pos = scratch_pos[:, None, :], positions[:, :, None]
+            visible &= (key_pos >= query_pos - cfg.window + 1) | (key_pos < cfg.n_anchor)
+        scores = torch.einsum("bhkd,bhmd->bhkm", q.float(), node_k) * self.scale     # [B, Hq, K, M]
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        node_lse = torch.logsumexp(scores, dim=-1)                                   # [B, Hq, K]
+        node_probs = torch.exp(scores - node_lse.masked_fill(torch.isinf(node_lse), 0)[..., None])
+        node_out = torch.einsum("bhkm,bhmd->bhkd", node_probs, node_v)               # [B, Hq, K, D]
+        # 3) merge the two softmax pieces by their log-sum-exps
+        total_lse = torch.logaddexp(prefix_lse.float(), node_lse)                   # [B, Hq, K]
+        total_lse = total_lse.masked_fill(torch.isinf(total_lse), 0)
+        w_prefix = torch.exp(prefix_lse.float() - total_lse)[..., None]
+        w_nodes = torch.exp(node_lse - total_lse)[..., None]
+        attn = (prefix_out.float() * w_prefix + node_out * w_nodes).to(q.dtype)     # [B, Hq, K, D]
+        return self.finish(x, attn)
+
+    # ------------------------------------------------------------------ full-sequence forwards (training, tests)
+    def forward(self, tokens: Tensor, features: Tensor, valid: Tensor, n_anchor: int | None = None) -> Tensor:
+        """Plain causal forward over entries at slots 0..T-1 (no cache): tokens `[B, T]`,
+        features `[B, T, F]`, valid `[B]`. Equals `extend` on an empty cache."""
+        return self.unrolled_forward(tokens, features, valid, steps=1, n_anchor=n_anchor)[0]
+
+    def unrolled_forward(self, tokens: Tensor, features: Tensor, valid: Tensor, steps: int,
+                         query_start: int = 0, n_anchor: int | None = None) -> list[Tensor]:
+        """Training-time test (MTP): `steps` draft steps over a whole sequence at once.
+
+        Entries 0..S-1 (tokens `[B, S]`, target features `[B, S, F]`, valid `[B]`) sit at slots
+        0..S-1; only entries >= `query_start` (the text part; earlier entries are a prefix such as
+        IVSB visual states) are queried. Step 1 is the plain forward. In step k >= 2 chain e
+        (entry query_start + e) feeds its step k-1 hidden back with token `tokens[e + k - 1]` at
+        position query_start + e + k - 1, seeing the real entries <= its base (window rule at its
+        own position) and its own earlier unrolled entries, exactly as draft_step sees the
+        committed cache and its ancestors. Returns per step hidden `[B, S - query_start, H]`.
+        Needs window <= 0 or window >= steps.
+        """
+        cfg = self.config
+        B, S = tokens.shape
+        if cfg.window > 0 and cfg.window < steps:
+            raise ValueError(f"SparrowDraft.unrolled_forward: window={cfg.window} must be 0 or >= steps={steps}")
+        anchor = cfg.n_anchor if n_anchor is None else n_anchor
+        Tq = S - query_start
+        dev = tokens.device
+        slot = torch.arange(S, device=dev)
+        tokens = torch.where(slot[None, :] < valid[:, None], tokens, 0).clamp(0, cfg.vocab_size - 1)
+        positions = slot[None, :].expand(B, S)                                       # [B, S]
+        x = self.input_states(tokens, self.fuse(features))                           # [B, S, H]
+        q, k_real, v_real = self.qkv(x, positions)                                   # real entries' keys
+        kv_len = valid.clamp(1, S)                                                   # [B]
+        base_pos = positions[:, query_start:]                                        # [B, Tq]
+        attn, _ = ops.window_attn(q[:, :, query_start:].contiguous(), k_real, v_real, kv_len, base_pos,
+                                  cfg.window, anchor, None, self.scale)              # [B, Hq, Tq, D]
+        hidden = self.finish(x[:, query_start:], attn)                               # [B, Tq, H]
+        outputs = [hidden]
+        chain = torch.arange(Tq, device=dev)
+        own_k, own_v = [], []                                                        # unrolled keys per step
+        eye = torch.eye(Tq, dtype=torch.bool, device=dev)
+        for step in range(2, steps + 1):
+            shift = step - 1
+            token_index = (query_start + chain + shift).clamp(max=S - 1)             # [Tq]
+            step_tokens = tokens[:, token_index]                                     # [B, Tq]
+            step_pos = base_pos + shift                                              # [B, Tq]
+            xs = self.input_states(step_tokens, hidden)                              # [B, Tq, H]
+            qs, ks, vs = self.qkv(xs, step_pos)
+            own_k.append(ks)
+            own_v.append(vs)
+            n_blocks = step - 1
+            # the tree region = own unrolled keys of steps 2..step; only the last block holds real
+            # queries, the earlier blocks are zero dummies that see themselves (outputs unused)
+            tree = torch.zeros(n_blocks * Tq, n_blocks * Tq, dtype=torch.bool, device=dev)
+            for block in range(n_blocks):
+                tree[block * Tq:(block + 1) * Tq, block * Tq:(block + 1) * Tq] = eye
+            last = (n_blocks - 1) * Tq
+            for block in range(n_blocks - 1):                                        # earlier own entries
+                key_shift = block + 1                                                # that entry's shift
+                in_window = cfg.window <= 0 or key_shift >= shift - cfg.window + 1
+                anchored = (query_start + chain + key_shift) < anchor                 # [Tq]
+                see = anchored | in_window
+                tree[last + chain, block * Tq + chain] = see
+            q_all = torch.cat([torch.zeros_like(qs).repeat(1, 1, n_blocks - 1, 1), qs], dim=2)
+            k_all = torch.cat([k_real] + own_k, dim=2)                               # [B, Hkv, S + n_blocks*Tq, D]
+            v_all = torch.cat([v_real] + own_v, dim=2)
+            window = cfg.window - shift if cfg.window > 0 else 0                     # offset: real keys <= base
+            attn_all, _ = ops.window_attn(
+                q_all, k_all, v_all, torch.full((B,), k_all.shape[2], dtype=torch.int64, device=dev),
+                base_pos.repeat(1, n_blocks), window, anchor, tree[None].expand(B, -1, -1).contiguous(),
+                self.scale)                                                          # [B, Hq, n_blocks*Tq, D]
+            hidden = self.finish(xs, attn_all[:, :, last:])                          # [B, Tq, H]
+            outputs.append(hidden)
+        return outputs
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write model.safetensors (draft weights only, never the target's) + config.json."""
+        os.makedirs(path, exist_ok=True)
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
+        save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+        payload = {"config": self.config.to_dict(), "training": self.training_info}
+        with open(os.path.join(path, CONFIG_NAME), "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_target(cls, config: DraftConfig, target) -> "SparrowDraft":
+        """A fresh (randomly initialised) draft bound to `target`'s embedding and LM head."""
+        if config.hidden_size != target.hidden_size:
+            raise ValueError(f"SparrowDraft: config.hidden_size={config.hidden_size} does not match the "
+                             f"target's hidden_size={target.hidden_size}")
+        if config.vocab_size != target.vocab_size:
+            raise ValueError(f"SparrowDraft: config.vocab_size={config.vocab_size} does not match the "
+                             f"target's vocab_size={target.vocab_size}")
+        bad = [layer for layer in config.target_layers if not 0 <= layer <= target.num_layers]
+        if bad:
+            raise ValueError(f"SparrowDraft: feature layers {bad} are outside the target's layers "
+                             f"0..{target.num_layers}")
+        draft = cls(config, target.embed_tokens(), target.lm_head())
+        return draft.to(device=target.device, dtype=target.dtype)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, target) -> "SparrowDraft":
+        """Read config.json + model.safetensors from `path`; embedding and LM head from `target`."""
+        config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+        for p in (config_path, weights_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"SparrowDraft.load: {p} does not exist (expected a draft "
+                                        f"directory with {CONFIG_NAME} and {WEIGHTS_NAME})")
+        with open(config_path) as f:
+            payload = json.load(f)
+        draft = cls.from_target(DraftConfig.from_dict(payload["config"]), target)
+        state = load_file(weights_path, device=str(draft.device))
+        draft.load_state_dict(state, strict=True)
+        draft.training_info = payload.get("training", {})
+        return draft
+
+
+def load_draft(path: str | os.PathLike, target) -> SparrowDraft:
+    """Shorthand for `SparrowDraft.load(path, target)`."""
+    return SparrowDraft.load(path, target)
+
+
+def committed_draft_dir(name: str) -> str:
+    """Directory of a committed draft for the built-in tiny VLM (e.g. 'sparrow', 'visual_kv')."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "drafts", name)
+
+
+__all__ = ["DraftCache", "DraftConfig", "SparrowDraft", "committed_draft_dir", "load_draft"]

@@ -1,0 +1,521 @@
+"""The built-in tiny video LM (plain PyTorch) and `TinyVLMTarget`, its implementation of
+the `Target` protocol: batched prefill with right padding, tree-masked forward over a
+preallocated KV cache, commit through `sparrow_kernels.ops.kv_compact`, greedy decoding.
+It must not depend on transformers, and it never trains (see training/train_target.py).
+
+Video -> tokens: every frame is cut into 8x8 patches (16 tokens for 32x32 frames); each
+patch sees the frame itself and its difference to the frame `motion_delta` of the video
+duration earlier, so motion direction is visible in a single token. All patches of a
+frame share the RoPE position t * visual_rope_span (t = normalized time in [0, 1]) plus
+Fourier features of t; text positions follow at text_position_start + i. A longer video
+of the same content is denser sampling of the same t range, which is what lets the model
+read videos far longer than those it was trained on.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import PrefillOutput, TargetState, TreeOutput, VideoPrompt
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tinyvlm"
+
+
+@dataclass
+class TinyVLMConfig:
+    vocab_size: int
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int = 704
+    frame_size: int = 32
+    patch_size: int = 8
+    motion_delta: float = 0.25          # lag of the difference frame, fraction of the duration
+    visual_rope_span: float = 32.0      # visual RoPE position = t * span
+    text_position_start: float = 33.0   # first text token's RoPE position
+    fourier_features: int = 8           # sin/cos pairs of t added to visual embeddings
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    video_token_id: int = 3
+
+    @property
+    def patches_per_frame(self) -> int:
+        return (self.frame_size // self.patch_size) ** 2
+
+    def to_json(self) -> str:
+        return json.dumps({"model_type": "sparrow_tinyvlm", **asdict(self)}, indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TinyVLMConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ----------------------------------------------------------------------------- layers
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """positions [B, T] (float allowed) -> cos, sin [B, 1, T, head_dim // 2]."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None, :, None] * inv_freq                 # [B, 1, T, D/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D] rotated by (cos, sin) [B, 1, T, D/2] (half-split convention)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class VisionEncoder(nn.Module):
+    """Frames -> visual embeddings, one token per patch."""
+
+    def __init__(self, cfg: TinyVLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        patch_dim = 6 * cfg.patch_size ** 2          # RGB + RGB difference to the lagged frame
+        d = cfg.hidden_size
+        self.patch_proj = nn.Sequential(nn.Linear(patch_dim, d), nn.GELU(), nn.Linear(d, d))
+        self.spatial = nn.Parameter(torch.randn(cfg.patches_per_frame, d) * 0.02)
+        self.time_proj = nn.Linear(2 * cfg.fourier_features, d)
+
+    def forward(self, frames: Tensor, times: Tensor) -> Tensor:
+        """frames [B, T, S, S, 3] float in [0, 1]; times [T] -> [B, T * P, d]."""
+        B, T, S, _, _ = frames.shape
+        p = self.cfg.patch_size
+        lag = 0 if T == 1 else max(1, round(self.cfg.motion_delta * (T - 1)))
+        prev_index = (torch.arange(T, device=frames.device) - lag).clamp(min=0)
+        x = torch.cat([frames * 2 - 1, (frames - frames[:, prev_index]) * 2], dim=-1)   # [B, T, S, S, 6]
+        x = x.reshape(B, T, S // p, p, S // p, p, 6).permute(0, 1, 2, 4, 3, 5, 6)
+        x = x.reshape(B, T, (S // p) ** 2, p * p * 6)                                   # [B, T, P, p*p*6]
+        emb = self.patch_proj(x) + self.spatial                                          # [B, T, P, d]
+        freqs = math.pi * 2.0 ** torch.arange(self.cfg.fourier_features, device=frames.device)
+        angles = times.float()[:, None] * freqs                                          # [T, F]
+        emb = emb + self.time_proj(torch.cat([angles.sin(), angles.cos()], -1).to(emb.dtype))[None, :, None]
+        return emb.reshape(B, T * emb.shape[2], -1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TinyVLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.attn_norm = RMSNorm(d, cfg.norm_eps)
+        self.qkv = nn.Linear(d, (cfg.num_heads + 2 * cfg.num_kv_heads) * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.mlp_norm = RMSNorm(d, cfg.norm_eps)
+        self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, d, bias=False)
+
+    def qkv_heads(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, d] -> q [B, Hq, T, D], k, v [B, Hkv, T, D] (RoPE applied to q, k)."""
+        B, T, _ = x.shape
+        cfg = self.cfg
+        qkv = self.qkv(self.attn_norm(x)).view(B, T, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
+        qkv = qkv.transpose(1, 2)
+        q = qkv[:, :cfg.num_heads]
+        k = qkv[:, cfg.num_heads:cfg.num_heads + cfg.num_kv_heads]
+        v = qkv[:, cfg.num_heads + cfg.num_kv_heads:]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def finish(self, x: Tensor, attn: Tensor) -> Tensor:
+        """Residual + output projection of attn [B, Hq, T, D], then the SwiGLU MLP."""
+        B, _, T, _ = attn.shape
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(B, T, -1))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class TinyVLM(nn.Module):
+    def __init__(self, cfg: TinyVLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.vision = VisionEncoder(cfg)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def frame_times(self, num_frames: int, device=None) -> Tensor:
+        """Normalized times [T] of T evenly spaced frames covering the video."""
+        if num_frames == 1:
+            return torch.zeros(1, device=device)
+        return torch.linspace(0.0, 1.0, num_frames, device=device)
+
+    def causal_forward(self, x: Tensor, positions: Tensor, layers: Sequence[int] = (),
+                       kv: Tensor | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+        """Full causal pass over x [B, T, d] at RoPE positions [B or 1, T]. Optionally
+        writes every layer's K/V into kv[2l / 2l+1, :, :, :T]. Returns the last layer's
+        output (pre final norm) and {layer: hidden} for the requested layers."""
+        cfg = self.cfg
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        group = cfg.num_heads // cfg.num_kv_heads
+        collected = {0: x} if 0 in layers else {}
+        T = x.shape[1]
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv_heads(x, cos, sin)
+            if kv is not None:
+                kv[2 * i, :, :, :T] = k
+                kv[2 * i + 1, :, :, :T] = v
+            if group > 1:
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = layer.finish(x, attn)
+            if i + 1 in layers:
+                collected[i + 1] = x
+        return x, collected
+
+    def forward_train(self, frames: Tensor, text_ids: Tensor) -> Tensor:
+        """Training pass. frames [B, T, S, S, 3] uint8 (same T for the batch), text_ids
+        [B, L] (right padded). Returns logits [B, L, V] at the text positions (logit j
+        predicts text token j + 1)."""
+        cfg = self.cfg
+        B, T = frames.shape[:2]
+        times = self.frame_times(T, frames.device)
+        visual = self.vision(frames.float() / 255.0, times)                              # [B, T*P, d]
+        text = self.embed(text_ids)                                                       # [B, L, d]
+        x = torch.cat([visual.to(text.dtype), text], dim=1)
+        L = text_ids.shape[1]
+        positions = torch.cat([
+            (times * cfg.visual_rope_span).repeat_interleave(cfg.patches_per_frame),
+            cfg.text_position_start + torch.arange(L, device=frames.device, dtype=torch.float32)])[None]
+        out, _ = self.causal_forward(x, positions)
+        return self.lm_head(self.final_norm(out[:, visual.shape[1]:]))
+
+
+# ----------------------------------------------------------------------------- target
+
+@dataclass
+class TinyVLMState(TargetState):
+    kv: Tensor                      # [2 * n_layers, B, Hkv, capacity, D], K and V of layer l at 2l, 2l+1
+    position_offset: Tensor         # [B] float: RoPE position of text slot s is s + position_offset[b]
+    tree_size: int = 0              # nodes written by the last forward_tree (commit checks against it)
+
+
+def _kv_compact_torch(kv: Tensor, prefix_len: Tensor, accept_index: Tensor, accept_len: Tensor) -> None:
+    """Same semantics as sparrow::kv_compact (used only when the compiled ops are absent).
+    Sources are strictly increasing with accept_index[i] >= i, so no earlier copy
+    overwrites a later source and gather-then-scatter equals the in-order copy."""
+    B, A = accept_index.shape
+    keep = torch.arange(A, device=kv.device)[None, :] < accept_len[:, None]          # [B, A]
+    rows = torch.arange(B, device=kv.device)[:, None].expand(B, A)[keep]
+    src = (prefix_len[:, None] + accept_index)[keep]
+    dst = (prefix_len[:, None] + torch.arange(A, device=kv.device))[keep]
+    kv[:, rows, :, dst] = kv[:, rows, :, src]
+
+
+try:
+    from sparrow_kernels.ops import kv_compact as _kv_compact
+except ImportError:  # the compiled ops package is not built (standalone training copy)
+    _kv_compact = _kv_compact_torch
+
+
+def _check_tensor(name: str, t, shape: tuple, dtypes: tuple, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor of shape {list(shape)}, got {type(t).__name__}")
+    if t.dim() != len(shape) or any(s is not None and s != ts for s, ts in zip(shape, t.shape)):
+        want = [("?" if s is None else s) for s in shape]
+        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if t.device.type != device.type:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+
+
+class TinyVLMTarget:
+    """The tiny video LM behind the `Target` protocol (fp32 inference)."""
+
+    def __init__(self, model: TinyVLM, tokenizer=None, device: str | torch.device = "cpu"):
+        self.model = model.to(device).float().eval()
+        self.config = model.cfg
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.dtype = torch.float32
+        self.num_layers = self.config.num_layers
+        self.hidden_size = self.config.hidden_size
+        self.vocab_size = self.config.vocab_size
+        self.eos_token_ids = (self.config.eos_token_id,)
+        self.video_token_id = self.config.video_token_id
+        self._head = nn.Sequential(self.model.final_norm, self.model.lm_head)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> "TinyVLMTarget":
+        """Load model.safetensors + config.json (+ tokenizer.json) from `path` (default:
+        the committed checkpoint)."""
+        from safetensors.torch import load_file
+
+        from ..data.tokenizer import WordTokenizer
+
+        path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+        for name in ("config.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"tiny VLM checkpoint {path} lacks {name}")
+        cfg = TinyVLMConfig.from_dict(json.loads((path / "config.json").read_text()))
+        model = TinyVLM(cfg)
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        tokenizer = WordTokenizer.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+        return cls(model, tokenizer, device)
+
+    # -- what the draft reuses ---------------------------------------------------------
+    def embed_tokens(self) -> nn.Module:
+        return self.model.embed
+
+    def lm_head(self) -> nn.Module:
+        return self._head
+
+    # -- video length helpers ----------------------------------------------------------
+    def visual_tokens_for(self, num_frames: int) -> int:
+        return int(num_frames) * self.config.patches_per_frame
+
+    def frames_for(self, visual_tokens: int) -> int:
+        """Frames whose visual tokens come closest to `visual_tokens` (at least 1)."""
+        return max(1, round(visual_tokens / self.config.patches_per_frame))
+
+    def make_prompt(self, frames: Tensor, question: str | None = None) -> VideoPrompt:
+        """A VideoPrompt asking `question` (default: the detailed caption) about `frames`."""
+        from ..data.synthetic import CAPTION_QUESTION, question_text
+
+        return VideoPrompt(frames=frames, prompt=question_text(question or CAPTION_QUESTION))
+
+    def world_prompt(self, seed: int, num_frames: int, question: str | None = None) -> VideoPrompt:
+        """A prompt over the synthetic world `seed` rendered at `num_frames` frames."""
+        from ..data.synthetic import VideoWorld
+
+        return self.make_prompt(VideoWorld(seed).render(num_frames), question)
+
+    # -- input preparation -------------------------------------------------------------
+    def _prompt_ids(self, i: int, prompt: VideoPrompt) -> Tensor:
+        if prompt.prompt_ids is not None:
+            ids = torch.as_tensor(prompt.prompt_ids).reshape(-1).long()
+            if ids.numel() == 0:
+                raise ValueError(f"prompts[{i}].prompt_ids is empty")
+            if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+                raise ValueError(f"prompts[{i}].prompt_ids must lie in [0, {self.vocab_size}), "
+                                 f"got [{int(ids.min())}, {int(ids.max())}]")
+            return ids
+        if prompt.prompt is None:
+            raise ValueError(f"prompts[{i}] has neither prompt nor prompt_ids")
+        if self.tokenizer is None:
+            raise ValueError("this TinyVLMTarget has no tokenizer: pass prompt_ids instead of prompt text")
+        text = prompt.prompt.replace("<video>", " ")
+        return torch.tensor(self.tokenizer.encode(text, add_bos=True), dtype=torch.long)
+
+    def _frames(self, i: int, frames) -> Tensor:
+        """Validate and convert to float [T, S, S, 3] in [0, 1] at the model's resolution."""
+        name = f"prompts[{i}].frames"
+        if not isinstance(frames, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor [T, H, W, 3], got {type(frames).__name__}")
+        if frames.dim() != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1 or min(frames.shape[1:3]) < 1:
+            raise ValueError(f"{name} must have shape [T, H, W, 3] with T >= 1, got {list(frames.shape)}")
+        if frames.dtype == torch.uint8:
+            x = frames.to(self.device, torch.float32) / 255.0
+        elif frames.is_floating_point():
+            x = frames.to(self.device, torch.float32)
+        else:
+            raise ValueError(f"{name} must be uint8 or float in [0, 1], got {frames.dtype}")
+        S = self.config.frame_size
+        if x.shape[1] != S or x.shape[2] != S:
+            x = F.interpolate(x.permute(0, 3, 1, 2), size=(S, S), mode="bilinear", antialias=True,
+                              align_corners=False).permute(0, 2, 3, 1).clamp(0, 1)
+        return x
+
+    def _check_layers(self, layers: Sequence[int]) -> list[int]:
+        layers = [int(l) for l in layers]
+        bad = [l for l in layers if not 0 <= l <= self.num_layers]
+        if bad:
+            raise ValueError(f"layers must lie in [0, {self.num_layers}] (0 = embeddings), got {bad}")
+        return layers
+
+    def _check_memory(self, batch: int, capacity: int) -> None:
+        cfg = self.config
+        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * batch
+        try:
+            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+            return
+        if per_token * capacity > budget:
+            fit = budget // per_token
+            raise ValueError(f"a KV cache of capacity {capacity} x batch {batch} needs "
+                             f"{per_token * capacity / 2**30:.1f} GiB, over half of this machine's memory; "
+                             f"at most {fit} tokens per row (~{fit // cfg.patches_per_frame} frames) fit")
+
+    # -- the Target protocol -----------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[VideoPrompt], layers: Sequence[int], capacity: int) -> PrefillOutput:
+        cfg = self.config
+        if len(prompts) == 0:
+            raise ValueError("prompts must hold at least one VideoPrompt")
+        layers = self._check_layers(layers)
+        frames = [self._frames(i, p.frames) for i, p in enumerate(prompts)]
+        text_ids = [self._prompt_ids(i, p) for i, p in enumerate(prompts)]
+        n_visual = [self.visual_tokens_for(f.shape[0]) for f in frames]
+        lengths = torch.tensor([nv + len(t) for nv, t in zip(n_visual, text_ids)], dtype=torch.long)
+        too_long = [i for i, n in enumerate(lengths.tolist()) if n + 1 > capacity]
+        if too_long:
+            i = too_long[0]
+            raise ValueError(f"prompt {i} needs {int(lengths[i])} tokens ({n_visual[i]} visual + "
+                             f"{len(text_ids[i])} text) plus one to decode, over capacity={capacity}")
+        B, T = len(prompts), int(lengths.max())
+        self._check_memory(B, capacity)
+
+        x = torch.zeros(B, T, cfg.hidden_size, device=self.device)               # [B, T, d]
+        positions = torch.zeros(B, T, device=self.device)                        # [B, T]
+        input_ids = torch.full((B, T), cfg.pad_token_id, dtype=torch.long, device=self.device)
+        text_mask = torch.zeros(B, T, dtype=torch.bool, device=self.device)
+        for b in range(B):
+            nv, ids = n_visual[b], text_ids[b].to(self.device)
+            times = self.model.frame_times(frames[b].shape[0], self.device)
+            x[b, :nv] = self.model.vision(frames[b][None], times)[0]
+            x[b, nv:nv + len(ids)] = self.model.embed(ids)
+            positions[b, :nv] = (times * cfg.visual_rope_span).repeat_interleave(cfg.patches_per_frame)
+            positions[b, nv:] = cfg.text_position_start + torch.arange(T - nv, device=self.device)
+            input_ids[b, :nv] = cfg.video_token_id
+            input_ids[b, nv:nv + len(ids)] = ids
+            text_mask[b, nv:nv + len(ids)] = True
+
+        kv = torch.empty(2 * cfg.num_layers, B, cfg.num_kv_heads, capacity, cfg.head_dim, device=self.device)
+        out, collected = self.model.causal_forward(x, positions, layers, kv)
+        lengths = lengths.to(self.device)
+        last = out[torch.arange(B, device=self.device), lengths - 1]              # [B, d]
+        logits = self._head(last)                                                # [B, V]
+        valid = (torch.arange(T, device=self.device)[None] < lengths[:, None])[..., None]
+        hidden = [collected[l] * valid for l in layers]
+        offset = cfg.text_position_start - torch.tensor(n_visual, dtype=torch.float32, device=self.device)
+        state = TinyVLMState(lengths=lengths.clone(), capacity=capacity, kv=kv, position_offset=offset)
+        return PrefillOutput(state=state, logits=logits, hidden=hidden, input_ids=input_ids,
+                             text_mask=text_mask, lengths=lengths)
+
+    @torch.inference_mode()
+    def forward_tree(self, state: TinyVLMState, tokens: Tensor, tree_mask: Tensor, depth: Tensor,
+                     layers: Sequence[int]) -> TreeOutput:
+        cfg = self.config
+        B = state.lengths.shape[0]
+        _check_tensor("tokens", tokens, (B, None), (torch.long,), self.device)
+        N = tokens.shape[1]
+        _check_tensor("tree_mask", tree_mask, (B, N, N), (torch.bool,), self.device)
+        _check_tensor("depth", depth, (B, N), (torch.long,), self.device)
+        layers = self._check_layers(layers)
+        if N < 1:
+            raise ValueError("tokens must hold at least one node per row, got N = 0")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size:
+            raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        if bool((state.lengths + N > state.capacity).any()):
+            raise ValueError(f"forward_tree: {N} nodes after lengths {state.lengths.tolist()} exceed "
+                             f"capacity={state.capacity}")
+
+        lengths = state.lengths
+        node = torch.arange(N, device=self.device)
+        slots = lengths[:, None] + node                                           # [B, N]
+        positions = (lengths.float() + state.position_offset)[:, None] + depth.float()
+        key_len = int(lengths.max()) + N
+        # committed prefix visible to every node; the nodes see each other through tree_mask
+        visible = torch.arange(key_len, device=self.device)[None, None, :] < lengths[:, None, None]
+        visible = visible.expand(B, N, key_len).clone()                           # [B, N, K]
+        visible.scatter_(2, slots[:, None, :].expand(B, N, N), tree_mask)
+        group = cfg.num_heads // cfg.num_kv_heads
+        # query heads of one GQA group are folded into the query axis: [B, Hkv, G*N, D]
+        mask = visible[:, None, None].expand(B, 1, group, N, key_len).reshape(B, 1, group * N, key_len)
+
+        x = self.model.embed(tokens)                                              # [B, N, d]
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        rows = torch.arange(B, device=self.device)[:, None].expand(B, N)
+        collected = {0: x} if 0 in layers else {}
+        kv = state.kv
+        for i, layer in enumerate(self.model.layers):
+            q, k, v = layer.qkv_heads(x, cos, sin)
+            kv[2 * i][rows, :, slots] = k.transpose(1, 2)                        # [B, N, Hkv, D]
+            kv[2 * i + 1][rows, :, slots] = v.transpose(1, 2)
+            qg = q.reshape(B, cfg.num_kv_heads, group * N, cfg.head_dim)
+            attn = F.scaled_dot_product_attention(qg, kv[2 * i, :, :, :key_len], kv[2 * i + 1, :, :, :key_len],
+                                                  attn_mask=mask)
+            x = layer.finish(x, attn.reshape(B, cfg.num_heads, N, cfg.head_dim))
+            if i + 1 in layers:
+                collected[i + 1] = x
+        state.tree_size = N
+        return TreeOutput(logits=self._head(x), hidden=[collected[l] for l in layers])
+
+    @torch.inference_mode()
+    def commit(self, state: TinyVLMState, accept_index: Tensor, accept_len: Tensor) -> None:
+        B = state.lengths.shape[0]
+        _check_tensor("accept_index", accept_index, (B, None), (torch.long,), self.device)
+        _check_tensor("accept_len", accept_len, (B,), (torch.long,), self.device)
+        A = accept_index.shape[1]
+        if bool((accept_len < 0).any()) or bool((accept_len > A).any()):
+            raise ValueError(f"accept_len must lie in [0, {A}], got {accept_len.tolist()}")
+        used = torch.arange(A, device=self.device)[None] < accept_len[:, None]
+        if bool((accept_index[used] >= state.tree_size).any()) or bool((accept_index[used] < 0).any()):
+            raise ValueError(f"accept_index must index the {state.tree_size} nodes of the last forward_tree")
+        _kv_compact(state.kv, state.lengths, accept_index, accept_len)
+        state.lengths += accept_len
+        state.tree_size = 0
+
+    # -- plain decoding ----------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_greedy(self, prompts: Sequence[VideoPrompt], max_new_tokens: int,
+                        capacity: int | None = None) -> list[list[int]]:
+        """Plain autoregressive greedy decoding through prefill / forward_tree (N = 1) /
+        commit. Returns per row the generated ids, ending with EOS if it was produced."""
+        if capacity is None:
+            longest = max(self.visual_tokens_for(self._frames(i, p.frames).shape[0]) + len(self._prompt_ids(i, p))
+                          for i, p in enumerate(prompts))
+            capacity = longest + max_new_tokens + 1
+        out = self.prefill(prompts, layers=[], capacity=capacity)
+        state, B = out.state, len(prompts)
+        token = out.logits.argmax(-1)                                             # [B]
+        generated: list[list[int]] = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool)
+        ones_mask = torch.ones(B, 1, 1, dtype=torch.bool, device=self.device)
+        zeros = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        ones = torch.ones(B, dtype=torch.long, device=self.device)
+        for step in range(max_new_tokens):
+            for b, t in enumerate(token.tolist()):
+                if not done[b]:
+                    generated[b].append(t)
+            done |= torch.isin(token.cpu(), torch.tensor(self.eos_token_ids))
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            tree = self.forward_tree(state, token[:, None], ones_mask, zeros, layers=[])
+            self.commit(state, zeros, ones)
+            token = tree.logits[:, 0].argmax(-1)
+        return generated
+
+    def answer(self, frames: Tensor, question: str | None = None, max_new_tokens: int = 64) -> str:
+        """Greedy text answer (default question: the detailed caption)."""
+        ids = self.generate_greedy([self.make_prompt(frames, question)], max_new_tokens)[0]
+        return self.tokenizer.decode(ids)

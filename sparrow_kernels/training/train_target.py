@@ -1,0 +1,232 @@
+"""`sparrow train-target`: train the built-in tiny video LM on the synthetic video world.
+
+Data is generated on the fly from seeds (stateless: batch k is a function of the run seed
+and k, so a resumed run sees exactly the batches it would have seen). bf16 autocast on the
+CPU, AdamW with a cosine schedule, tqdm progress, periodic safetensors checkpoints with a
+config JSON and the tokenizer, resume, and a quick held-out caption-accuracy eval. It must
+not touch the committed checkpoint unless asked (`--export`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..data.synthetic import (CAPTION_QUESTION, VideoWorld, heldout_seed, question_text,
+                              score_caption)
+from ..data.tokenizer import WordTokenizer
+from ..targets.tinyvlm import TinyVLM, TinyVLMConfig, TinyVLMTarget
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sparrow train-target", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/tinyvlm", help="run directory (checkpoints, log)")
+    p.add_argument("--steps", type=int, default=6000, help="optimizer steps (sets the cosine schedule)")
+    p.add_argument("--max-minutes", type=float, default=0, help="stop early after this wall time (0: no limit)")
+    p.add_argument("--batch-tokens", type=int, default=6144, help="approximate tokens per batch")
+    p.add_argument("--min-frames", type=int, default=4)
+    p.add_argument("--max-frames", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate-size", type=int, default=704)
+    p.add_argument("--checkpoint-minutes", type=float, default=4.0)
+    p.add_argument("--eval-minutes", type=float, default=10.0)
+    p.add_argument("--eval-videos", type=int, default=24)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last if it exists")
+    p.add_argument("--export", default=None, help="also copy the final checkpoint to this directory")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- data
+
+def make_sample(seed: int, num_frames: int, rng: random.Random, tok: WordTokenizer):
+    """(frames [T, 32, 32, 3] uint8, text ids [L], loss mask [L]) for one training video:
+    its caption and/or a few QA turns, in random order; loss on the answers only."""
+    world = VideoWorld(seed)
+    qa = world.qa_pairs()
+    turns = rng.sample(qa, k=min(len(qa), rng.randint(1, 3)))
+    if rng.random() < 0.75:
+        turns.insert(rng.randint(0, len(turns)) if rng.random() < 0.5 else 0, (CAPTION_QUESTION, world.caption))
+    ids, mask = [tok.bos_id], [0]
+    for question, answer in turns:
+        q_ids = tok.encode(question_text(question))
+        a_ids = tok.encode(answer, add_eos=True)
+        ids += q_ids + a_ids
+        mask += [0] * len(q_ids) + [1] * len(a_ids)
+    return world.render(num_frames), ids, mask
+
+
+def make_batch(run_seed: int, step: int, args, tok: WordTokenizer, patches_per_frame: int):
+    """The batch of `step`: one frame count for the whole batch, as many videos as fit
+    `batch_tokens`. Returns frames [B, T, S, S, 3] uint8, ids [B, L], mask [B, L]."""
+    rng = random.Random(run_seed * 1_000_003 + step)
+    num_frames = rng.randint(args.min_frames, args.max_frames)
+    batch_size = max(2, args.batch_tokens // (num_frames * patches_per_frame + 60))
+    samples = [make_sample(rng.randrange(10**9), num_frames, rng, tok) for _ in range(batch_size)]
+    L = max(len(s[1]) for s in samples)
+    ids = torch.full((batch_size, L), tok.pad_id, dtype=torch.long)
+    mask = torch.zeros(batch_size, L, dtype=torch.bool)
+    for b, (_, s_ids, s_mask) in enumerate(samples):
+        ids[b, :len(s_ids)] = torch.tensor(s_ids)
+        mask[b, :len(s_mask)] = torch.tensor(s_mask, dtype=torch.bool)
+    return torch.stack([s[0] for s in samples]), ids, mask
+
+
+# ----------------------------------------------------------------------------- eval
+
+@torch.no_grad()
+def caption_accuracy(model: TinyVLM, tok: WordTokenizer, num_frames: int, num_videos: int,
+                     first_index: int = 0, batch_size: int = 16) -> float:
+    """Fraction of ground-truth facts stated correctly in greedy captions of held-out videos."""
+    target = TinyVLMTarget(copy.deepcopy(model).float(), tok)
+    correct = total = 0
+    for start in range(first_index, first_index + num_videos, batch_size):
+        seeds = [heldout_seed(i) for i in range(start, min(start + batch_size, first_index + num_videos))]
+        prompts = [target.world_prompt(s, num_frames) for s in seeds]
+        outputs = target.generate_greedy(prompts, max_new_tokens=64)
+        for s, ids in zip(seeds, outputs):
+            c, t = score_caption(tok.decode(ids), VideoWorld(s).facts)
+            correct, total = correct + c, total + t
+    return correct / max(total, 1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(directory: Path, model: TinyVLM, tok: WordTokenizer, optimizer=None, step: int = 0,
+                    extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(model.cfg.to_json())
+    tok.save(tmp / "tokenizer.json")
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / "train_state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+
+
+def export_checkpoint(src: Path, dst: Path) -> None:
+    """Copy the inference files (no optimizer state) to `dst`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        shutil.copy2(src / name, dst / name)
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = WordTokenizer.from_grammar()
+    cfg = TinyVLMConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden_size, num_layers=args.layers,
+                        num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.hidden_size // args.heads,
+                        intermediate_size=args.intermediate_size, pad_token_id=tok.pad_id,
+                        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, video_token_id=tok.video_id)
+    model = TinyVLM(cfg)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95))
+    step = 0
+    last = out / "last"
+    if args.resume and (last / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(last / "model.safetensors")))
+        if (last / "train_state.pt").is_file():
+            train_state = torch.load(last / "train_state.pt", weights_only=True)
+            optimizer.load_state_dict(train_state["optimizer"])
+            step = int(train_state["step"])
+        print(f"resumed from {last} at step {step}", flush=True)
+    log = open(out / "log.jsonl", "a")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"tiny VLM: {n_params / 1e6:.2f}M parameters, vocab {tok.vocab_size}; training {args.steps} steps",
+          flush=True)
+
+    t_start = time.time()
+    t_ckpt = t_eval = t_start
+    tokens_seen = 0
+    bar = tqdm(total=args.steps, initial=step, desc="train-target", mininterval=5)
+    model.train()
+    while step < args.steps:
+        frames, ids, mask = make_batch(args.seed, step, args, tok, cfg.patches_per_frame)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+            logits = model.forward_train(frames, ids)                               # [B, L, V]
+        labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, cfg.vocab_size), labels.reshape(-1),
+                               ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        tokens_seen += frames.shape[0] * (frames.shape[1] * cfg.patches_per_frame + ids.shape[1])
+        elapsed = time.time() - t_start
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+        if step % 25 == 0:
+            log.write(json.dumps({"step": step, "loss": round(loss.item(), 4), "lr": lr_at(step - 1, args),
+                                  "grad_norm": round(float(grad_norm), 3), "tokens_per_s": round(tokens_seen / elapsed),
+                                  "minutes": round(elapsed / 60, 2)}) + "\n")
+            log.flush()
+        now = time.time()
+        finished = step >= args.steps or (args.max_minutes > 0 and now - t_start > args.max_minutes * 60)
+        if now - t_ckpt > args.checkpoint_minutes * 60 or finished:
+            save_checkpoint(last, model, tok, optimizer, step, {"loss": loss.item()})
+            t_ckpt = now
+        if now - t_eval > args.eval_minutes * 60 or finished:
+            model.eval()
+            acc = {f: caption_accuracy(model, tok, f, args.eval_videos) for f in (32, 94)}
+            model.train()
+            record = {"step": step, "eval_caption_facts": {str(k): round(v, 4) for k, v in acc.items()},
+                      "minutes": round((time.time() - t_start) / 60, 2)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            tqdm.write(json.dumps(record))
+            t_eval = time.time()
+        if finished:
+            break
+    bar.close()
+    if args.export:
+        export_checkpoint(last, Path(args.export))
+        print(f"exported to {args.export}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
