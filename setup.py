@@ -92,7 +92,9 @@ def _write_build_info(with_cuda: bool, arch_list: str | None) -> None:
 
 def _extension(with_cuda: bool):
     werror = bool(_env_flag("SPARROW_WERROR"))
-    cxx_flags = ["-O3", "-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    # no -std flag: BuildExtension adds the standard the installed torch's headers need
+    # (C++17 up to torch 2.9, C++20 from torch 2.10 on)
+    cxx_flags = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     if werror:
         cxx_flags.append("-Werror")
     sources = sorted(glob.glob("csrc/*.cpp"))
@@ -103,7 +105,7 @@ def _extension(with_cuda: bool):
             "sparrow_kernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags})
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     if werror:
         # host code of the .cu files; torch headers are -isystem under nvcc, so they stay quiet
         nvcc_flags += ["-Xcompiler=-Wall,-Werror"]

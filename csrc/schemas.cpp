@@ -40,6 +40,10 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
       "Registers the torch.ops.sparrow.* schemas and their CPU/CUDA kernels.",
       -1,       // m_size
       nullptr,  // m_methods
+      nullptr,  // m_slots
+      nullptr,  // m_traverse
+      nullptr,  // m_clear
+      nullptr,  // m_free
   };
   return PyModule_Create(&module_def);
 }

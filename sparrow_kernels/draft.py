@@ -182,15 +182,17 @@ class SparrowDraft(nn.Module):
         both = torch.cat([self.embed_norm(token_embed), self.feature_norm(fused.to(self.dtype))], dim=-1)
         return self.fc(both)                                                         # [B, T, H]
 
-    def qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Layer input `[B, T, H]` at `positions [B, T]` -> q `[B, Hq, T, D]`, k, v `[B, Hkv, T, D]`."""
+    def qkv(self, x: Tensor, positions: Tensor, query_start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer input `[B, T, H]` at `positions [B, T]` -> q `[B, Hq, T - query_start, D]` (queries
+        only from entry query_start on), k, v `[B, Hkv, T, D]`."""
         cfg = self.config
         B, T, _ = x.shape
         h = self.input_norm(x)
-        q = self.q_proj(h).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)       # [B, Hq, T, D]
+        hq = h[:, query_start:]
+        q = self.q_proj(hq).view(B, T - query_start, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, Hq, Tq, D]
         k = self.k_proj(h).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)    # [B, Hkv, T, D]
         v = self.v_proj(h).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)    # [B, Hkv, T, D]
-        q = _rotate(q, positions, cfg.rope_theta).contiguous()
+        q = _rotate(q, positions[:, query_start:], cfg.rope_theta).contiguous()
         k = _rotate(k, positions, cfg.rope_theta).contiguous()
         return q, k, v.contiguous()
 
@@ -255,6 +257,7 @@ class SparrowDraft(nn.Module):
         offsets = torch.arange(T, device=self.device)
         is_real = offsets[None, :] < valid[:, None]                                  # [B, T]
         positions = cache.lengths[:, None] + offsets[None, :]                        # [B, T]
+        features = torch.where(is_real[..., None], features, 0)                     # padding never leaks in
         x = self.input_states(torch.where(is_real, tokens, 0).clamp(0, cfg.vocab_size - 1),
                               self.fuse(features))                                   # [B, T, H]
         q, k, v = self.qkv(x, positions)
@@ -306,7 +309,7 @@ class SparrowDraft(nn.Module):
         group = cfg.num_heads // cfg.num_kv_heads
         node_k = cache.k.gather(2, index).repeat_interleave(group, dim=1).float()    # [B, Hq, M, D]
         node_v = cache.v.gather(2, index).repeat_interleave(group, dim=1).float()    # [B, Hq, M, D]
-        visible = tree_mask.clone()                                                  # [B, K, M]
+        visible = torch.ones_like(tree_mask)
         if cfg.window > 0:
             key_pos, query_pos = scratch_pos[:, None, :], positions[:, :, None]
             visible &= (key_pos >= query_pos - cfg.window + 1) | (key_pos < cfg.n_anchor)
@@ -350,13 +353,15 @@ class SparrowDraft(nn.Module):
         Tq = S - query_start
         dev = tokens.device
         slot = torch.arange(S, device=dev)
-        tokens = torch.where(slot[None, :] < valid[:, None], tokens, 0).clamp(0, cfg.vocab_size - 1)
+        is_real = slot[None, :] < valid[:, None]                                     # [B, S]
+        tokens = torch.where(is_real, tokens, 0).clamp(0, cfg.vocab_size - 1)
+        features = torch.where(is_real[..., None], features, 0)                     # padding never leaks in
         positions = slot[None, :].expand(B, S)                                       # [B, S]
         x = self.input_states(tokens, self.fuse(features))                           # [B, S, H]
-        q, k_real, v_real = self.qkv(x, positions)                                   # real entries' keys
+        q, k_real, v_real = self.qkv(x, positions, query_start)                      # real entries' keys
         kv_len = valid.clamp(1, S)                                                   # [B]
         base_pos = positions[:, query_start:]                                        # [B, Tq]
-        attn, _ = ops.window_attn(q[:, :, query_start:].contiguous(), k_real, v_real, kv_len, base_pos,
+        attn, _ = ops.window_attn(q, k_real, v_real, kv_len, base_pos,
                                   cfg.window, anchor, None, self.scale)              # [B, Hq, Tq, D]
         hidden = self.finish(x[:, query_start:], attn)                               # [B, Tq, H]
         outputs = [hidden]

@@ -65,8 +65,8 @@ def _check_last_dim_contiguous(op: str, arg: str, t: Tensor) -> None:
 
 def _values_checkable(t: Tensor) -> bool:
     """Index-range checks read tensor data: done for CPU tensors only (no GPU sync, and
-    nothing to read under fake/meta tracing), as in the C++ checks."""
-    return t.device.type == "cpu" and not isinstance(t, FakeTensor)
+    nothing to read under fake/meta tracing or torch.compile), as in the C++ checks."""
+    return t.device.type == "cpu" and not isinstance(t, FakeTensor) and not torch.compiler.is_compiling()
 
 
 def _check_window_attn(q, k, v, kv_len, q_pos, window, n_anchor, tree_mask, scale, op="window_attn") -> None:
@@ -218,8 +218,11 @@ def _check_kv_compact(kv, prefix_len, accept_index, accept_len) -> None:
 
 
 # ----------------------------------------------------------------------------- fake impls
+# They validate shapes/dtypes/devices too, so tracing (torch.compile, meta tensors) reports
+# the same errors as the kernels; value checks are skipped for fake and meta tensors.
 @torch.library.register_fake("sparrow::window_attn")
 def _window_attn_fake(q, k, v, kv_len, q_pos, window, n_anchor, tree_mask, scale):
+    _check_window_attn(q, k, v, kv_len, q_pos, window, n_anchor, tree_mask, scale)
     B, Hq, Tq, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq, Tq), dtype=lse_dtype)
@@ -227,6 +230,7 @@ def _window_attn_fake(q, k, v, kv_len, q_pos, window, n_anchor, tree_mask, scale
 
 @torch.library.register_fake("sparrow::window_attn_backward")
 def _window_attn_backward_fake(grad_out, q, k, v, out, lse, kv_len, q_pos, window, n_anchor, tree_mask, scale):
+    _check_window_attn_backward(grad_out, q, k, v, out, lse, kv_len, q_pos, window, n_anchor, tree_mask, scale)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -234,6 +238,7 @@ def _window_attn_backward_fake(grad_out, q, k, v, out, lse, kv_len, q_pos, windo
 
 @torch.library.register_fake("sparrow::gather_hidden")
 def _gather_hidden_fake(hidden, index):
+    _check_gather_hidden(hidden, index)
     B, N = index.shape
     return hidden[0].new_empty((B, N, len(hidden) * hidden[0].shape[-1]))
 
@@ -246,17 +251,21 @@ def _tree_verify_fake_outputs(candidates):
 
 @torch.library.register_fake("sparrow::tree_verify_greedy")
 def _tree_verify_greedy_fake(candidates, target_predict, next_token, next_sibling):
+    _check_tree_verify_greedy(candidates, target_predict, next_token, next_sibling)
     return _tree_verify_fake_outputs(candidates)
 
 
 @torch.library.register_fake("sparrow::tree_verify_sample")
 def _tree_verify_sample_fake(candidates, target_probs, draft_probs, next_token, next_sibling,
                              uniform_accept, uniform_final):
+    _check_tree_verify_sample(candidates, target_probs, draft_probs, next_token, next_sibling, uniform_accept,
+                              uniform_final)
     return _tree_verify_fake_outputs(candidates)
 
 
 @torch.library.register_fake("sparrow::kv_compact")
 def _kv_compact_fake(kv, prefix_len, accept_index, accept_len):
+    _check_kv_compact(kv, prefix_len, accept_index, accept_len)
     return None
 
 

@@ -60,6 +60,8 @@ class Backend:
 
 
 def _make_backend(name: str) -> Backend:
+    if name == "reference":
+        return Backend("reference", torch.device("cpu"))
     if name == "cpu":
         return Backend("cpu", torch.device("cpu"))
     if name == "cuda":
@@ -81,13 +83,28 @@ def _make_backend(name: str) -> Backend:
 
 
 # On a GPU machine the Triton kernels run on the GPU too, so `pytest -m cuda` selects them.
-_TRITON_MARKS = [pytest.mark.cuda] if HAS_CUDA else []
+_BACKEND_PARAMS = {
+    "reference": pytest.param("reference"),
+    "cpu": pytest.param("cpu"),
+    "triton": pytest.param("triton", marks=[pytest.mark.cuda] if HAS_CUDA else []),
+    "cuda": pytest.param("cuda", marks=pytest.mark.cuda),
+}
+# $SPARROW_TEST_BACKENDS (e.g. "reference,cpu") narrows or widens the list; the reference
+# checked against itself is only useful while developing the tests.
+_TESTED = os.environ.get("SPARROW_TEST_BACKENDS", "cpu,triton,cuda").split(",")
 
 
-@pytest.fixture(scope="session", params=["cpu", pytest.param("triton", marks=_TRITON_MARKS),
-                                         pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.fixture(scope="session", params=[_BACKEND_PARAMS[n.strip()] for n in _TESTED if n.strip()])
 def backend(request) -> Backend:
     """Each backend that the op tests run on; tests call the op inside `with backend.use():`."""
+    return _make_backend(request.param)
+
+
+@pytest.fixture(scope="session", params=[_BACKEND_PARAMS["reference"]] +
+                [_BACKEND_PARAMS[n.strip()] for n in _TESTED if n.strip() and n.strip() != "reference"])
+def any_backend(request) -> Backend:
+    """The tested backends plus the reference: for behaviour every entry point must share
+    (input validation)."""
     return _make_backend(request.param)
 
 

@@ -32,12 +32,12 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "t
 @dataclass
 class TinyVLMConfig:
     vocab_size: int
-    hidden_size: int = 256
+    hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
-    head_dim: int = 64
-    intermediate_size: int = 704
+    head_dim: int = 32
+    intermediate_size: int = 384
     frame_size: int = 32
     patch_size: int = 8
     motion_delta: float = 0.25          # lag of the difference frame, fraction of the duration
@@ -93,27 +93,29 @@ class RMSNorm(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """Frames -> visual embeddings, one token per patch."""
+    """Frames -> visual embeddings, one token per patch. Each token reads a window of
+    2x2 patches centred on its patch (kernel 2p, stride p), so every object fits whole
+    inside some token's window; channels are RGB and the RGB difference to the frame
+    `motion_delta` earlier."""
 
     def __init__(self, cfg: TinyVLMConfig):
         super().__init__()
         self.cfg = cfg
-        patch_dim = 6 * cfg.patch_size ** 2          # RGB + RGB difference to the lagged frame
-        d = cfg.hidden_size
-        self.patch_proj = nn.Sequential(nn.Linear(patch_dim, d), nn.GELU(), nn.Linear(d, d))
+        d, p = cfg.hidden_size, cfg.patch_size
+        self.patch_conv = nn.Conv2d(6, d, kernel_size=2 * p, stride=p, padding=p // 2)
+        self.patch_mlp = nn.Sequential(nn.GELU(), nn.Linear(d, d))
         self.spatial = nn.Parameter(torch.randn(cfg.patches_per_frame, d) * 0.02)
         self.time_proj = nn.Linear(2 * cfg.fourier_features, d)
 
     def forward(self, frames: Tensor, times: Tensor) -> Tensor:
         """frames [B, T, S, S, 3] float in [0, 1]; times [T] -> [B, T * P, d]."""
         B, T, S, _, _ = frames.shape
-        p = self.cfg.patch_size
         lag = 0 if T == 1 else max(1, round(self.cfg.motion_delta * (T - 1)))
         prev_index = (torch.arange(T, device=frames.device) - lag).clamp(min=0)
         x = torch.cat([frames * 2 - 1, (frames - frames[:, prev_index]) * 2], dim=-1)   # [B, T, S, S, 6]
-        x = x.reshape(B, T, S // p, p, S // p, p, 6).permute(0, 1, 2, 4, 3, 5, 6)
-        x = x.reshape(B, T, (S // p) ** 2, p * p * 6)                                   # [B, T, P, p*p*6]
-        emb = self.patch_proj(x) + self.spatial                                          # [B, T, P, d]
+        x = self.patch_conv(x.reshape(B * T, S, S, 6).permute(0, 3, 1, 2))               # [B*T, d, S/p, S/p]
+        x = x.flatten(2).transpose(1, 2).reshape(B, T, -1, self.cfg.hidden_size)         # [B, T, P, d]
+        emb = self.patch_mlp(x) + self.spatial
         freqs = math.pi * 2.0 ** torch.arange(self.cfg.fourier_features, device=frames.device)
         angles = times.float()[:, None] * freqs                                          # [T, F]
         emb = emb + self.time_proj(torch.cat([angles.sin(), angles.cos()], -1).to(emb.dtype))[None, :, None]

@@ -32,24 +32,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/tinyvlm", help="run directory (checkpoints, log)")
     p.add_argument("--steps", type=int, default=6000, help="optimizer steps (sets the cosine schedule)")
     p.add_argument("--max-minutes", type=float, default=0, help="stop early after this wall time (0: no limit)")
-    p.add_argument("--batch-tokens", type=int, default=6144, help="approximate tokens per batch")
-    p.add_argument("--min-frames", type=int, default=4)
-    p.add_argument("--max-frames", type=int, default=32)
+    p.add_argument("--batch-tokens", type=int, default=4096, help="approximate tokens per batch")
+    p.add_argument("--min-frames", type=int, default=6)
+    p.add_argument("--max-frames", type=int, default=24)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate-size", type=int, default=704)
+    p.add_argument("--intermediate-size", type=int, default=384)
     p.add_argument("--checkpoint-minutes", type=float, default=4.0)
     p.add_argument("--eval-minutes", type=float, default=10.0)
     p.add_argument("--eval-videos", type=int, default=24)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
-    p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast (faster only on CPUs with native bf16, e.g. AVX512-BF16/AMX)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last if it exists")
     p.add_argument("--export", default=None, help="also copy the final checkpoint to this directory")
     return p.parse_args(argv)
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
         frames, ids, mask = make_batch(args.seed, step, args, tok, cfg.patches_per_frame)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             logits = model.forward_train(frames, ids)                               # [B, L, V]
         labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, cfg.vocab_size), labels.reshape(-1),

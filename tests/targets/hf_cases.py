@@ -69,16 +69,21 @@ def stock_forward(target, prompt: VideoPrompt, extra_tokens: list[int]):
     return out.logits[0, -1], out.hidden_states
 
 
-def stock_generate(target, prompt: VideoPrompt, max_new_tokens: int, eos_token_id=None) -> list[int]:
-    """`generate(do_sample=False)` of the unmodified model on the same inputs."""
+def stock_generate(target, prompt: VideoPrompt, max_new_tokens: int, eos_token_id=None,
+                   with_logits: bool = False):
+    """`generate(do_sample=False)` of the unmodified model on the same inputs: the new tokens,
+    and with `with_logits` also the raw logits of every step `[M, V]` (row j predicts token j)."""
     kwargs = dict(target._row_inputs(prompt, 0).model_kwargs)
     if hasattr(target.model.model, "rope_deltas"):
         target.model.model.rope_deltas = None
     with torch.no_grad():
         out = target.model.generate(**kwargs, attention_mask=torch.ones_like(kwargs["input_ids"]), do_sample=False,
                                     max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=eos_token_id,
-                                    pad_token_id=0)
-    return out[0, kwargs["input_ids"].shape[1]:].tolist()
+                                    pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    tokens = out.sequences[0, kwargs["input_ids"].shape[1]:].tolist()
+    if with_logits:
+        return tokens, torch.cat(out.logits, 0)
+    return tokens
 
 
 def check_tree_matches_paths(target, prompt: VideoPrompt, parents: list[int], seed: int, warmup: int = 2) -> None:
@@ -121,21 +126,26 @@ def check_tree_matches_paths(target, prompt: VideoPrompt, parents: list[int], se
         torch.testing.assert_close(target.lm_head()(out.hidden[-1][0, node]), ref_logits, **TOL)
 
 
-def speculative_walk(target, prompts: list[VideoPrompt], references: list[list[int]], seed: int) -> list[list[int]]:
+def speculative_walk(target, prompts: list[VideoPrompt], references: list[tuple[list[int], torch.Tensor]],
+                     seed: int) -> list[list[int]]:
     """Decode with hand-made draft trees in which the reference continuation sits on a
     non-first branch among decoys, verify greedily with the target's own argmax, commit with
-    kv_compact. Returns the emitted tokens per row (each must equal its reference)."""
+    kv_compact. `references[b]` = (tokens, logits [M, V]) of stock generate: the logits at
+    every accepted node must equal the stock logits of that step (so a wrong cache shows up
+    even where it does not flip an argmax). Returns the emitted tokens per row."""
     gen = torch.Generator().manual_seed(seed)
     batch = len(prompts)
-    max_new = min(len(r) for r in references)
+    max_new = min(len(tokens) for tokens, _ in references)
     pre = target.prefill(prompts, layers=[], capacity=4096)
     state = pre.state
+    for b in range(batch):
+        torch.testing.assert_close(pre.logits[b], references[b][1][0], **TOL)
     emitted = [[int(t)] for t in pre.logits.argmax(-1)]
     while min(len(e) for e in emitted) < max_new:
         trees = []
         for b in range(batch):
             done = len(emitted[b])
-            truth = references[b][done:done + 3]
+            truth = references[b][0][done:done + 3]
             depth_true = int(torch.randint(0, len(truth) + 1, (1,), generator=gen))  # true tokens in the tree
             trees.append(_decoy_tree(emitted[b][-1], truth[:depth_true], gen))
         nodes = max(len(t[0]) for t in trees)
@@ -143,13 +153,11 @@ def speculative_walk(target, prompts: list[VideoPrompt], references: list[list[i
         mask = torch.eye(nodes, dtype=torch.bool).repeat(batch, 1, 1)
         depth = torch.zeros(batch, nodes, dtype=torch.long)
         for b, (toks, parents) in enumerate(trees):
-            pad = nodes - len(toks)  # padding nodes: isolated leaves hanging off nothing
             tokens[b, :len(toks)] = torch.tensor(toks)
             mask[b, :len(toks), :len(toks)] = ancestor_mask(parents)
             depth[b, :len(toks)] = depths(parents)
-            if pad:
-                mask[b, len(toks):, 0] = True
-                depth[b, len(toks):] = 1
+            mask[b, len(toks):, 0] = True  # padding nodes: leaves under the root, never accepted
+            depth[b, len(toks):] = 1
         out = target.forward_tree(state, tokens, mask, depth, layers=[])
         predict = out.logits.argmax(-1)  # [B, N]
         accept_index = torch.full((batch, nodes), -1, dtype=torch.long)
@@ -163,6 +171,11 @@ def speculative_walk(target, prompts: list[VideoPrompt], references: list[list[i
                     break
                 path.append(child)
                 cur = child
+            done = len(emitted[b])
+            ref_logits = references[b][1]
+            for k, node in enumerate(path):
+                if done + k < ref_logits.shape[0]:
+                    torch.testing.assert_close(out.logits[b, node], ref_logits[done + k], **TOL)
             accept_index[b, :len(path)] = torch.tensor(path)
             accept_len[b] = len(path)
             emitted[b] += [toks[c] for c in path[1:]] + [int(predict[b, cur])]

@@ -1,0 +1,214 @@
+"""Read video files (mp4, webm, avi, ... whatever FFmpeg decodes) into `[T, H, W, 3]` uint8 RGB
+frames with PyAV: uniform sampling to N frames or at a frame rate, optional resize.
+
+Fails loudly with the reason: missing file, corrupt data, a stream that decodes no frames, or
+a request that would not fit in memory. It only reads; it must not know about any model.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BYTES_PER_PIXEL = 3  # rgb24
+
+
+class VideoTooLargeError(MemoryError):
+    """The decoded frames would not fit the memory budget."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about its first video stream (may be estimates)."""
+
+    frame_count: int        # frames claimed by the container (0 if unknown)
+    fps: float              # average frame rate (0.0 if unknown)
+    duration: float         # seconds (0.0 if unknown)
+    height: int
+    width: int
+    codec: str
+
+
+def _av():
+    import av  # noqa: PLC0415 (optional dependency, imported on use)
+
+    return av
+
+
+def _open(path: Path):
+    av = _av()
+    if not path.is_file():
+        raise FileNotFoundError(f"video file not found: {path}")
+    try:
+        container = av.open(str(path))
+    except av.error.FileNotFoundError as err:  # raced away between the check and the open
+        raise FileNotFoundError(f"video file not found: {path}") from err
+    except (av.error.InvalidDataError, av.error.FFmpegError) as err:
+        raise ValueError(f"{path}: not a readable video (corrupt or unsupported data: {err})") from err
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"{path}: the file has no video stream")
+    return container
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Container metadata of the first video stream, without decoding frames."""
+    path = Path(path)
+    container = _open(path)
+    try:
+        return _info(container)
+    finally:
+        container.close()
+
+
+def _info(container) -> VideoInfo:
+    stream = container.streams.video[0]
+    fps = float(stream.average_rate) if stream.average_rate else 0.0
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / 1_000_000  # AV_TIME_BASE
+    else:
+        duration = 0.0
+    frame_count = int(stream.frames or 0)
+    if frame_count == 0 and fps > 0 and duration > 0:
+        frame_count = int(round(duration * fps))
+    codec = stream.codec_context.name if stream.codec_context is not None else "?"
+    return VideoInfo(frame_count=frame_count, fps=fps, duration=duration, height=int(stream.height or 0),
+                     width=int(stream.width or 0), codec=codec)
+
+
+def available_memory_bytes() -> int:
+    """Half of the currently available RAM: the default budget for decoded frames."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def uniform_indices(total: int, count: int) -> list[int]:
+    """`count` frame indices spread evenly over `[0, total)` (first and last included)."""
+    if count >= total:
+        return list(range(total))
+    if count == 1:
+        return [0]
+    return [round(i * (total - 1) / (count - 1)) for i in range(count)]
+
+
+def read_video(path: str | os.PathLike, num_frames: int | None = None, fps: float | None = None,
+               size: tuple[int, int] | None = None, max_bytes: int | None = None) -> torch.Tensor:
+    """Decode a video file to `[T, H, W, 3]` uint8 RGB.
+
+    - `num_frames`: T frames spread uniformly over the whole video (fewer if it is shorter);
+      `fps`: one frame every `1/fps` seconds of presentation time; neither: every frame.
+    - `size`: `(height, width)` to resize to (FFmpeg's swscale, bicubic); default: as stored.
+    - `max_bytes`: memory budget of the result (default: half the available RAM); a request
+      over it raises `VideoTooLargeError` saying how many frames would fit.
+    Raises FileNotFoundError for a missing file, ValueError for corrupt data, no video stream,
+    or a stream that decodes no frames although the container claims some.
+    """
+    if num_frames is not None and fps is not None:
+        raise ValueError("read_video: pass num_frames or fps, not both")
+    if num_frames is not None and num_frames < 1:
+        raise ValueError(f"read_video: num_frames must be >= 1, got {num_frames}")
+    if fps is not None and not fps > 0:
+        raise ValueError(f"read_video: fps must be > 0, got {fps}")
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise ValueError(f"read_video: size must be (height, width) with both >= 1, got {size}")
+    path = Path(path)
+    budget = available_memory_bytes() if max_bytes is None else int(max_bytes)
+    container = _open(path)
+    try:
+        info = _info(container)
+        height, width = size if size is not None else (info.height, info.width)
+        frame_bytes = height * width * BYTES_PER_PIXEL
+        if num_frames is not None:
+            expected = min(num_frames, info.frame_count) if info.frame_count else num_frames
+        elif fps is not None:
+            expected = max(1, int(info.duration * fps) + 1) if info.duration else 0
+        else:
+            expected = info.frame_count
+        if expected * frame_bytes > budget:
+            fit = budget // max(frame_bytes, 1)
+            raise VideoTooLargeError(
+                f"{path}: {expected} frames of {height}x{width} need {expected * frame_bytes / 2**20:.1f} MiB, "
+                f"over the budget of {budget / 2**20:.1f} MiB; at most {fit} frames fit (pass num_frames<={fit}, "
+                f"a lower fps, a smaller size, or a larger max_bytes)")
+        limit = budget // max(frame_bytes, 1)
+        if num_frames is not None:
+            wanted = set(uniform_indices(info.frame_count, num_frames)) if info.frame_count else None
+            frames, decoded = _decode(container, path, size, keep_index=wanted, limit=limit)
+            if wanted is None or decoded != info.frame_count:
+                # the claimed count was unknown or wrong: sample again over the frames that exist
+                if decoded == 0:
+                    raise ValueError(_no_frames(path, info))
+                if wanted is not None:
+                    warnings.warn(f"{path}: the container claims {info.frame_count} frames but {decoded} decode; "
+                                  f"sampling over the {decoded}", stacklevel=2)
+                container.close()
+                container = _open(path)
+                keep = set(uniform_indices(decoded, num_frames))
+                frames, _ = _decode(container, path, size, keep_index=keep, limit=len(keep), max_decode=decoded)
+        else:
+            frames, decoded = _decode(container, path, size, period=(1.0 / fps) if fps else None, limit=limit)
+            if info.frame_count and 0 < decoded < info.frame_count:
+                warnings.warn(f"{path}: the container claims {info.frame_count} frames but {decoded} decode",
+                              stacklevel=2)
+        if not frames:
+            raise ValueError(_no_frames(path, info))
+        return torch.stack(frames)  # [T, H, W, 3]
+    finally:
+        container.close()
+
+
+def _no_frames(path: Path, info: VideoInfo) -> str:
+    claim = f"the container claims {info.frame_count}" if info.frame_count else "the container claims none"
+    return f"{path}: decoded 0 video frames ({claim}); the file is truncated, empty or corrupt"
+
+
+def _decode(container, path: Path, size, keep_index: set[int] | None = None, period: float | None = None,
+            limit: int | None = None, max_decode: int | None = None) -> tuple[list[torch.Tensor], int]:
+    """Decode the first video stream in order, keeping frames by index (`keep_index`), by
+    presentation time (one per `period` seconds) or all; stop after `max_decode` frames.
+    Corrupt data after at least one good frame ends the stream there (a truncated file); before
+    any frame it raises ValueError. Returns (kept frames, frames decoded)."""
+    av = _av()
+    kept: list[torch.Tensor] = []
+    decoded = 0
+    next_time = 0.0
+    start_time = None
+    stream = container.streams.video[0]
+    try:
+        for frame in container.decode(stream):
+            if max_decode is not None and decoded >= max_decode:
+                break
+            index, decoded = decoded, decoded + 1
+            if keep_index is not None:
+                take = index in keep_index
+            elif period is not None:
+                time = frame.time if frame.time is not None else index / float(stream.average_rate or 1)
+                start_time = time if start_time is None else start_time
+                take = time - start_time >= next_time - 1e-6
+                while time - start_time >= next_time - 1e-6:  # also skips gaps longer than the period
+                    next_time += period
+            else:
+                take = True
+            if not take:
+                continue
+            if limit is not None and len(kept) >= limit:
+                raise VideoTooLargeError(f"{path}: more frames decode than the container claimed, and more than "
+                                         f"the {limit} that fit the memory budget; pass num_frames<={limit}")
+            if size is not None:
+                rgb = frame.to_ndarray(format="rgb24", width=size[1], height=size[0], interpolation="BICUBIC")
+            else:
+                rgb = frame.to_ndarray(format="rgb24")
+            kept.append(torch.from_numpy(rgb))  # [H, W, 3]
+    except (av.error.InvalidDataError, av.error.FFmpegError) as err:
+        if decoded == 0:
+            raise ValueError(f"{path}: corrupt video data, no frame decodes ({err})") from err
+        warnings.warn(f"{path}: corrupt or truncated video data after {decoded} frames; keeping those ({err})",
+                      stacklevel=3)
+    return kept, decoded

@@ -1,0 +1,183 @@
+"""Tests of sparrow_kernels.video_io on real files written with PyAV (mp4/h264 and mpeg4,
+webm/vp8 and vp9, avi/mjpeg and mpeg4): frame count, sampled indices (each frame's brightness
+encodes its index), resize, and the errors for missing, corrupt, truncated and oversized input.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparrow_kernels.video_io import VideoTooLargeError, probe_video, read_video, uniform_indices
+
+av = pytest.importorskip("av")
+
+FRAMES, HEIGHT, WIDTH, RATE = 24, 48, 64, 12
+FORMATS = [  # (file suffix, codec, pixel format)
+    ("mp4", "libx264", "yuv420p"),
+    ("mp4", "mpeg4", "yuv420p"),
+    ("webm", "libvpx", "yuv420p"),
+    ("webm", "libvpx-vp9", "yuv420p"),
+    ("avi", "mjpeg", "yuvj420p"),
+    ("avi", "mpeg4", "yuv420p"),
+]
+
+
+def level(index: int) -> int:
+    """The grey level that marks frame `index` (distinct after lossy coding)."""
+    return 20 + 9 * index
+
+
+def frame_index(frame: torch.Tensor) -> int:
+    return round((frame.float().mean().item() - 20) / 9)
+
+
+def synthetic_frames(count: int = FRAMES) -> torch.Tensor:
+    frames = torch.stack([torch.full((HEIGHT, WIDTH, 3), level(i), dtype=torch.uint8) for i in range(count)])
+    frames[:, 8:16, 8:24, 0] = 200  # a red bar so the channels are not all equal
+    return frames  # [T, H, W, 3]
+
+
+def write_video(path: Path, codec: str, pix_fmt: str, frames: torch.Tensor, rate: int = RATE,
+                options: dict | None = None) -> Path:
+    try:
+        av.codec.Codec(codec, "w")
+    except Exception:  # noqa: BLE001 (PyAV builds differ in the encoders they ship)
+        pytest.skip(f"this PyAV build has no {codec} encoder")
+    with av.open(str(path), "w", options=options or {}) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        if codec in ("libx264", "mpeg4", "mjpeg"):
+            stream.options = {"qscale": "2"} if codec != "libx264" else {"crf": "10"}
+        for rgb in frames.numpy():
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mp4_file(tmp_path_factory) -> Path:
+    return write_video(tmp_path_factory.mktemp("video") / "clip.mp4", "mpeg4", "yuv420p", synthetic_frames())
+
+
+@pytest.mark.parametrize("suffix,codec,pix_fmt", FORMATS, ids=[f"{s}-{c}" for s, c, _ in FORMATS])
+def test_round_trip_every_container(tmp_path, suffix, codec, pix_fmt):
+    frames = synthetic_frames()
+    path = write_video(tmp_path / f"clip.{suffix}", codec, pix_fmt, frames)
+    out = read_video(path)
+    assert out.dtype == torch.uint8 and out.shape == (FRAMES, HEIGHT, WIDTH, 3)
+    assert [frame_index(f) for f in out] == list(range(FRAMES))
+    assert (out.float() - frames.float()).abs().mean() < 4.0  # lossy codecs, smooth content
+    info = probe_video(path)
+    assert (info.height, info.width) == (HEIGHT, WIDTH) and abs(info.fps - RATE) < 0.01
+
+
+def test_uniform_sampling_picks_evenly_spread_frames(mp4_file):
+    out = read_video(mp4_file, num_frames=5)
+    assert [frame_index(f) for f in out] == [0, 6, 12, 17, 23]  # round(i * 23 / 4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(num_frames=st.integers(1, 40))
+def test_uniform_sampling_any_count(mp4_file, num_frames):
+    out = read_video(mp4_file, num_frames=num_frames)
+    picked = [frame_index(f) for f in out]
+    assert len(picked) == min(num_frames, FRAMES)
+    assert picked == uniform_indices(FRAMES, num_frames)
+    assert all(a < b for a, b in zip(picked, picked[1:]))
+    if num_frames >= 2:
+        assert picked[0] == 0 and picked[-1] == FRAMES - 1
+
+
+@pytest.mark.parametrize("fps,expected", [(3, [0, 4, 8, 12, 16, 20]), (12, list(range(FRAMES))),
+                                          (50, list(range(FRAMES))), (0.4, [0])])
+def test_fps_sampling_by_presentation_time(mp4_file, fps, expected):
+    out = read_video(mp4_file, fps=fps)
+    assert [frame_index(f) for f in out] == expected
+
+
+def test_resize(mp4_file):
+    out = read_video(mp4_file, num_frames=3, size=(30, 40))
+    assert out.shape == (3, 30, 40, 3)
+    assert [frame_index(f) for f in out] == [0, 12, 23]
+    assert out[:, :, :, 0].float().max() > 150  # the red bar survives the resize
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="video file not found: .*nothing.mp4"):
+        read_video(tmp_path / "nothing.mp4")
+    with pytest.raises(FileNotFoundError):
+        probe_video(tmp_path / "nothing.mp4")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a video at all" * 50, bytes(range(256)) * 40])
+def test_corrupt_data(tmp_path, content):
+    path = tmp_path / "broken.mp4"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="broken.mp4"):
+        read_video(path)
+
+
+def test_truncated_with_index_at_front_decodes_zero_frames(tmp_path):
+    """moov first (faststart), the media data box cut off: FFmpeg decodes nothing and raises
+    nothing, so the reader must notice from the count it got."""
+    path = write_video(tmp_path / "front.mp4", "mpeg4", "yuv420p", synthetic_frames(),
+                       options={"movflags": "faststart"})
+    data = path.read_bytes()
+    mdat_box = data.index(b"mdat") - 4  # the box starts with its 4-byte size
+    path.write_bytes(data[:mdat_box])
+    assert probe_video(path).frame_count == FRAMES  # the container still claims every frame
+    with pytest.raises(ValueError, match=rf"decoded 0 video frames \(the container claims {FRAMES}\)"):
+        read_video(path, num_frames=4)
+    with pytest.raises(ValueError, match="decoded 0 video frames"):
+        read_video(path)
+    with pytest.raises(ValueError, match="decoded 0 video frames"):
+        read_video(path, fps=2)
+    # cut just inside the box: the first packet is garbage, FFmpeg raises mid-decode
+    path.write_bytes(data[:mdat_box + 12])
+    with pytest.raises(ValueError, match=r"front.mp4: corrupt video data, no frame decodes"):
+        read_video(path, num_frames=4)
+
+
+@pytest.mark.parametrize("keep_fraction", [0.4, 0.6, 0.9])
+def test_truncated_midway_keeps_what_decodes(tmp_path, keep_fraction):
+    path = write_video(tmp_path / "part.mp4", "mpeg4", "yuv420p", synthetic_frames(),
+                       options={"movflags": "faststart"})
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep_fraction)])
+    with pytest.warns(UserWarning, match=f"claims {FRAMES} frames but|truncated video data"):
+        out = read_video(path, num_frames=4)
+    picked = [frame_index(f) for f in out]
+    assert 1 <= len(picked) <= 4 and picked[0] == 0 and picked[-1] < FRAMES - 1
+    with pytest.warns(UserWarning):
+        every = read_video(path)
+    assert 1 <= len(every) < FRAMES
+    # frames come back in order; the last one may be error-concealed (a copy of its predecessor)
+    indices = [frame_index(f) for f in every]
+    assert indices[:-1] == list(range(len(every) - 1)) and indices[-1] in (len(every) - 2, len(every) - 1)
+    torch.testing.assert_close(out, every[uniform_indices(len(every), 4)], rtol=0, atol=0)
+
+
+def test_too_many_frames_for_the_memory_budget(mp4_file):
+    frame_bytes = HEIGHT * WIDTH * 3
+    with pytest.raises(VideoTooLargeError, match=r"24 frames of 48x64 .* at most 10 frames fit"):
+        read_video(mp4_file, max_bytes=10 * frame_bytes + 5)
+    with pytest.raises(VideoTooLargeError, match="at most 2 frames fit"):
+        read_video(mp4_file, num_frames=3, size=(HEIGHT, WIDTH), max_bytes=2 * frame_bytes)
+    assert read_video(mp4_file, num_frames=2, max_bytes=2 * frame_bytes).shape[0] == 2
+
+
+def test_bad_arguments(mp4_file):
+    with pytest.raises(ValueError, match="num_frames or fps, not both"):
+        read_video(mp4_file, num_frames=2, fps=1.0)
+    with pytest.raises(ValueError, match="num_frames must be >= 1"):
+        read_video(mp4_file, num_frames=0)
+    with pytest.raises(ValueError, match="fps must be > 0"):
+        read_video(mp4_file, fps=0)
+    with pytest.raises(ValueError, match=r"size must be \(height, width\)"):
+        read_video(mp4_file, size=(0, 10))

@@ -1,0 +1,152 @@
+"""Tests of draft training (sparrow_kernels/training/train_draft.py, distill_data.py) on a
+tiny random video LM: the loss goes down, runs are deterministic, resume continues exactly,
+the VATA / IVSB / MTP switches build the sequences they claim, the hidden-state cache."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sparrow_kernels.data.tokenizer import WordTokenizer
+from sparrow_kernels.draft import SparrowDraft
+from sparrow_kernels.targets.tinyvlm import TinyVLM, TinyVLMConfig
+from sparrow_kernels.training import train_draft
+from sparrow_kernels.training.distill_data import run_target, tiny_plan
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    """A tiny random video LM whose LM head is scaled up, so its distributions are peaked
+    (a near-uniform random target would leave the draft nothing to learn)."""
+    path = tmp_path_factory.mktemp("tiny_target")
+    tokenizer = WordTokenizer.from_grammar()
+    cfg = TinyVLMConfig(vocab_size=len(tokenizer), hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                        head_dim=32, intermediate_size=128)
+    torch.manual_seed(0)
+    model = TinyVLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(cfg.to_json())
+    tokenizer.save(path / "tokenizer.json")
+    return path
+
+
+def cli(target_dir, out, *extra, data=None):
+    return ["--target", str(target_dir), "--out", str(out), "--data-cache", str(data or out),
+            "--batch-size", "2", "--train-groups", "3", "--frames-min", "2", "--frames-max", "4",
+            "--max-new-tokens", "8", "--eval-frames", "2", "--eval-groups", "1", "--eval-every", "0",
+            "--window", "6", "--n-anchor", "3", "--mtp-steps", "3", "--lr", "3e-3", "--warmup", "2",
+            "--threads", "1", "--no-progress", *extra]
+
+
+def run(argv):
+    return train_draft.train(train_draft.build_parser().parse_args(argv))
+
+
+def test_loss_decreases_and_checkpoint_is_loadable(target_dir, tmp_path):
+    result = run(cli(target_dir, tmp_path, "--steps", "24", "--preset", "sparrow"))
+    losses = result["losses"]
+    assert len(losses) == 24 and all(map(lambda x: x == x, losses))
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.8 * first, f"loss did not go down: {first:.3f} -> {last:.3f}"
+    target = train_draft.load_any_target(str(target_dir))
+    loaded = SparrowDraft.load(tmp_path, target)
+    assert loaded.config.visual_kv is False and loaded.config.window == 6
+    assert loaded.training_info["vata"] and loaded.training_info["ivsb"] and loaded.training_info["mtp_steps"] == 3
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert set(ev) == {"32"} and len(ev["32"]["top1_per_step"]) == 4        # 2 frames x 16 visual tokens
+    names = load_file(str(tmp_path / "model.safetensors"))
+    assert not any(n.startswith(("frozen", "embed_tokens", "lm_head")) for n in names)
+    assert all(t.shape[0] != target.vocab_size for t in names.values())      # no embedding / LM head matrix
+
+
+def test_same_seed_same_run_and_resume_continues_exactly(target_dir, tmp_path):
+    data = tmp_path / "data"
+    full = run(cli(target_dir, tmp_path / "a", "--steps", "6", "--preset", "visual_kv", data=data))
+    again = run(cli(target_dir, tmp_path / "b", "--steps", "6", "--preset", "visual_kv", data=data))
+    assert full["losses"] == again["losses"]
+    for (n, p), (_, q) in zip(full["draft"].state_dict().items(), again["draft"].state_dict().items()):
+        assert torch.equal(p, q), n
+    # interrupted after 3 steps, then resumed: the same weights as the uninterrupted run
+    part = run(cli(target_dir, tmp_path / "c", "--steps", "6", "--stop-after", "3", "--preset", "visual_kv",
+                   data=data))
+    assert len(part["losses"]) == 3
+    resumed = run(cli(target_dir, tmp_path / "c", "--steps", "6", "--resume", "--preset", "visual_kv", data=data))
+    assert part["losses"] + resumed["losses"] == full["losses"]
+    for (n, p), (_, q) in zip(full["draft"].state_dict().items(), resumed["draft"].state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_seed_changes_the_run(target_dir, tmp_path):
+    data = tmp_path / "data"
+    a = run(cli(target_dir, tmp_path / "a", "--steps", "2", "--preset", "none", data=data))
+    b = run(cli(target_dir, tmp_path / "b", "--steps", "2", "--preset", "none", "--seed", "1", data=data))
+    assert a["losses"] != b["losses"]
+
+
+@pytest.mark.parametrize("preset", sorted(train_draft.PRESETS))
+def test_presets_build_the_sequences_they_claim(target_dir, preset):
+    vata, ivsb, mtp = train_draft.PRESETS[preset]
+    args = train_draft.build_parser().parse_args(["--out", "x", "--preset", preset, "--window", "6"])
+    assert train_draft.resolve_flags(args) == (vata, ivsb, mtp)
+    target = train_draft.load_any_target(str(target_dir))
+    config = train_draft.make_draft_config(target, args, vata, ivsb)
+    assert config.visual_kv == (not vata) and config.window == (6 if vata else 0)
+    assert config.visual_feature_layer == (1 if ivsb and not vata else None)   # m* = L/2 = 1
+
+    group = tiny_plan(target, 1, 2, 3, 3, seed=4)[0]
+    for i, sample in enumerate(group.samples):
+        sample.answer_ids = [10 + i, 11, 12, target.eos_token_ids[0]]
+    seqs = run_target(target, group, [1, 2])
+    n_visual = target.visual_tokens_for(3)
+    layout = {"include_visual": ivsb or not vata, "visual_first": vata, "visual_layer": 1 if ivsb else None}
+    batch = train_draft.make_draft_batch(seqs, config, **layout)
+    video_id = target.video_token_id
+    if vata and not ivsb:                       # text only: no video token, no visual state
+        assert batch.query_start == 0 and not (batch.tokens == video_id).any()
+    else:                                       # visual entries first, never queried
+        assert batch.query_start == n_visual
+        assert (batch.tokens[:, :n_visual - 1] == video_id).all()
+    for b in range(2):
+        n_text = int(seqs.text_mask[b].sum())
+        entries = n_text - 1 + (n_visual if layout["include_visual"] else 0)
+        assert int(batch.valid[b]) == entries
+        # IVSB: visual entries carry layer m* states; otherwise the feature layer (L)
+        visual_source = seqs.hidden[1 if ivsb else 2][b, :n_visual]
+        if layout["include_visual"]:
+            torch.testing.assert_close(batch.features[b, :n_visual], visual_source)
+        # the loss positions are exactly the ones that predict answer tokens
+        label_tokens = seqs.ids[b, batch.token_pos[b][batch.label_ok[b]] + 1]
+        assert label_tokens.tolist() == group.samples[b].answer_ids
+    if vata and ivsb:
+        assert batch.n_anchor == config.n_anchor + n_visual
+
+
+def test_hidden_state_cache_respects_budget(target_dir, tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    online = run(cli(target_dir, tmp_path / "a", "--steps", "4", "--preset", "sparrow", data=data))
+    cached = run(cli(target_dir, tmp_path / "b", "--steps", "4", "--preset", "sparrow", "--cache-dir", str(cache),
+                     data=data))
+    files = [f for f in os.listdir(cache) if f.endswith(".safetensors")]
+    assert files, "nothing was cached"
+    reread = run(cli(target_dir, tmp_path / "c", "--steps", "4", "--preset", "sparrow", "--cache-dir", str(cache),
+                     data=data))
+    assert cached["losses"] == reread["losses"]                            # the fp16 cache reads back exactly
+    torch.testing.assert_close(torch.tensor(cached["losses"]), torch.tensor(online["losses"]), rtol=2e-2, atol=2e-2)
+    empty = tmp_path / "empty"
+    run(cli(target_dir, tmp_path / "d", "--steps", "2", "--preset", "sparrow", "--cache-dir", str(empty),
+            "--cache-budget-mb", "0", data=data))
+    assert not [f for f in os.listdir(empty) if f.endswith(".safetensors")]
+
+
+def test_bad_arguments(target_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"--window=2 must be 0 or >= the unrolled steps \(3\)"):
+        run(cli(target_dir, tmp_path, "--steps", "1", "--preset", "sparrow", "--window", "2"))
+    with pytest.raises(SystemExit):
+        train_draft.main(["--out", str(tmp_path), "--preset", "nonsense"])
