@@ -94,7 +94,6 @@ VerifyResult tree_verify_sample_cpu(const at::Tensor& candidates, const at::Tens
     while (true) {
       const at::Tensor target_row = target_probs[b][cur];  // [V], contiguous (checked)
       const at::Tensor draft_row = draft_probs[b][cur];    // [V]
-      const float* target = target_row.data_ptr<float>();
       const float* draft = draft_row.data_ptr<float>();
       residual.copy_(target_row);
       float S = sum_of(residual);

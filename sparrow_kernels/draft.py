@@ -204,8 +204,9 @@ class SparrowDraft(nn.Module):
         return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Target's frozen final norm + LM head: `[.., H]` -> `[.., V]`."""
-        return self.frozen.lm_head(hidden)
+        """Target's frozen final norm + LM head: `[.., H]` -> `[.., V]` (in the head's dtype)."""
+        weight = next(self.frozen.lm_head.parameters(), None)
+        return self.frozen.lm_head(hidden if weight is None else hidden.to(weight.dtype))
 
     # ------------------------------------------------------------------ cache API (engine)
     def new_cache(self, batch_size: int, capacity: int) -> DraftCache:
@@ -309,7 +310,7 @@ class SparrowDraft(nn.Module):
         group = cfg.num_heads // cfg.num_kv_heads
         node_k = cache.k.gather(2, index).repeat_interleave(group, dim=1).float()    # [B, Hq, M, D]
         node_v = cache.v.gather(2, index).repeat_interleave(group, dim=1).float()    # [B, Hq, M, D]
-        visible = torch.ones_like(tree_mask)
+        visible = tree_mask.clone()                                                  # [B, K, M]
         if cfg.window > 0:
             key_pos, query_pos = scratch_pos[:, None, :], positions[:, :, None]
             visible &= (key_pos >= query_pos - cfg.window + 1) | (key_pos < cfg.n_anchor)
@@ -339,8 +340,8 @@ class SparrowDraft(nn.Module):
         Entries 0..S-1 (tokens `[B, S]`, target features `[B, S, F]`, valid `[B]`) sit at slots
         0..S-1; only entries >= `query_start` (the text part; earlier entries are a prefix such as
         IVSB visual states) are queried. Step 1 is the plain forward. In step k >= 2 chain e
-        (entry query_start + e) feeds its step k-1 hidden back with token `tokens[e + k - 1]` at
-        position query_start + e + k - 1, seeing the real entries <= its base (window rule at its
+        (entry i = query_start + e) feeds its step k-1 hidden back with token `tokens[i + k - 1]`
+        at position i + k - 1, seeing the real entries <= its base (window rule at its
         own position) and its own earlier unrolled entries, exactly as draft_step sees the
         committed cache and its ancestors. Returns per step hidden `[B, S - query_start, H]`.
         Needs window <= 0 or window >= steps.
@@ -384,12 +385,8 @@ class SparrowDraft(nn.Module):
             for block in range(n_blocks):
                 tree[block * Tq:(block + 1) * Tq, block * Tq:(block + 1) * Tq] = eye
             last = (n_blocks - 1) * Tq
-            for block in range(n_blocks - 1):                                        # earlier own entries
-                key_shift = block + 1                                                # that entry's shift
-                in_window = cfg.window <= 0 or key_shift >= shift - cfg.window + 1
-                anchored = (query_start + chain + key_shift) < anchor                 # [Tq]
-                see = anchored | in_window
-                tree[last + chain, block * Tq + chain] = see
+            for block in range(n_blocks - 1):   # earlier own entries: within the window since window >= steps
+                tree[last + chain, block * Tq + chain] = True
             q_all = torch.cat([torch.zeros_like(qs).repeat(1, 1, n_blocks - 1, 1), qs], dim=2)
             k_all = torch.cat([k_real] + own_k, dim=2)                               # [B, Hkv, S + n_blocks*Tq, D]
             v_all = torch.cat([v_real] + own_v, dim=2)

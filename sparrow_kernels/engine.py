@@ -284,14 +284,17 @@ def _drain(chunks: Iterator[StreamChunk], session: _Session) -> GenerationResult
 
 
 # ----------------------------------------------------------------------------- draft inputs
-def draft_prompt_entries(prefill: PrefillOutput, first_tokens: Tensor, visual_kv: bool) -> tuple[Tensor, Tensor, Tensor]:
+def draft_prompt_entries(prefill: PrefillOutput, first_tokens: Tensor,
+                         visual_kv: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Which prompt positions enter the draft cache, with the EAGLE shift.
 
-    Entry for position t pairs the target feature at t with the token at t + 1; the last
-    prompt position pairs with `first_tokens [B]` (the first generated token). Sparrow
-    (visual_kv=False) keeps text positions only, plus always the last prompt position; the
-    visual-KV baseline keeps every position. Returns index `[B, P]` (prompt positions in
-    order, -1 padding), tokens `[B, P]` and valid `[B]` (entries per row).
+    Sparrow (visual_kv=False) keeps the text positions (and always the last prompt
+    position); the visual-KV baseline keeps every position. Entry j pairs the target feature
+    at the j-th kept position with the token at the next kept position (the draft's own
+    order, as training/train_draft.py lays it out: t + 1 whenever the kept positions are
+    contiguous); the last entry pairs with `first_tokens [B]` (the first generated token).
+    Returns index `[B, P]` (kept prompt positions in order, -1 padding), tokens `[B, P]` and
+    valid `[B]` (entries per row).
     """
     input_ids, text_mask, lengths = prefill.input_ids, prefill.text_mask, prefill.lengths
     B, T = input_ids.shape
@@ -300,15 +303,15 @@ def draft_prompt_entries(prefill: PrefillOutput, first_tokens: Tensor, visual_kv
     in_prompt = position[None, :] < lengths[:, None]                                       # [B, T]
     keep = in_prompt if visual_kv else (in_prompt & text_mask)
     keep = keep | (position[None, :] == (lengths - 1)[:, None])
-    next_ids = torch.cat([input_ids[:, 1:], input_ids.new_zeros(B, 1)], dim=1)             # [B, T]
-    next_ids = next_ids.scatter(1, (lengths - 1)[:, None], first_tokens[:, None].to(next_ids.dtype))
     valid = keep.sum(dim=1)                                                                 # [B]
     P = int(valid.max())
     kept_first = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :P]    # [B, P]
     real = torch.arange(P, device=device)[None, :] < valid[:, None]                       # [B, P]
     index = torch.where(real, kept_first, -1)                                              # [B, P]
-    tokens = torch.where(real, next_ids.gather(1, kept_first), 0)                          # [B, P]
-    return index, tokens, valid
+    next_kept = torch.cat([kept_first[:, 1:], kept_first[:, :1]], dim=1)                  # [B, P]
+    tokens = input_ids.gather(1, next_kept)                                                # [B, P]
+    tokens = tokens.scatter(1, (valid - 1)[:, None], first_tokens[:, None].to(tokens.dtype))
+    return index, torch.where(real, tokens, 0), valid
 
 
 # ----------------------------------------------------------------------------- the engine

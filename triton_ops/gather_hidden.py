@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, next_pow2
+
 LAYERS_PER_LAUNCH = 4
 
 
@@ -81,8 +83,8 @@ def gather_hidden(hidden: list[torch.Tensor] | tuple[torch.Tensor, ...], index: 
     layers = [_as_kernel_dtype(h if h.stride(-1) == 1 else h.contiguous()) for h in hidden]
     out_view = _as_kernel_dtype(out)
     index = index if index.stride(-1) == 1 else index.contiguous()
-    block_h = min(triton.next_power_of_2(H), 1024)
-    grid = (B * N, triton.cdiv(H, block_h))
+    block_h = min(next_pow2(H), 1024)
+    grid = (B * N, cdiv(H, block_h))
     for first_layer in range(0, n_layers, LAYERS_PER_LAUNCH):
         group = layers[first_layer:first_layer + LAYERS_PER_LAUNCH]
         padded = group + [group[0]] * (LAYERS_PER_LAUNCH - len(group))   # unused slots never read

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, next_pow2
+
 # element size -> a dtype of that size every Triton version loads and stores
 _SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -64,8 +66,9 @@ def kv_compact(kv: torch.Tensor, prefix_len: torch.Tensor, accept_index: torch.T
         raise ValueError(f"kv_compact (triton): unsupported element size {kv.element_size()} ({kv.dtype})")
     kv_bits = kv.view(element)                                     # same bytes, integer view
     accept_index = accept_index if accept_index.stride(-1) == 1 else accept_index.contiguous()
-    block_d = min(triton.next_power_of_2(D), 1024)
-    grid = (L * B * H, triton.cdiv(D, block_d))
+    prefix_len, accept_len = prefix_len.contiguous(), accept_len.contiguous()
+    block_d = min(next_pow2(D), 1024)
+    grid = (L * B * H, cdiv(D, block_d))
     _kv_compact_kernel[grid](kv_bits, prefix_len, accept_index, accept_len,
                              B, H, S, D, accept_index.shape[1], accept_index.stride(0),
                              BLOCK_D=block_d, num_warps=1 if block_d <= 128 else 4)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import next_pow2
+
 
 @triton.jit
 def _gather_scalar(vector, offs, index):
@@ -79,7 +81,7 @@ def tree_verify_greedy(candidates: torch.Tensor, target_predict: torch.Tensor, n
     _tree_verify_greedy_kernel[(B,)](
         candidates, target_predict, next_token, next_sibling, accept_index, accept_len, bonus_token,
         N, candidates.stride(0), target_predict.stride(0), next_token.stride(0), next_sibling.stride(0),
-        accept_index.stride(0), BLOCK_N=max(16, triton.next_power_of_2(N)), num_warps=1)
+        accept_index.stride(0), BLOCK_N=max(16, next_pow2(N)), num_warps=1)
     return accept_index, accept_len, bonus_token
 
 
@@ -252,14 +254,14 @@ def tree_verify_sample(candidates: torch.Tensor, target_probs: torch.Tensor, dra
         _row_contiguous(t) for t in (candidates, next_token, next_sibling, uniform_accept))
     uniform_final = uniform_final.contiguous()
     residual = torch.empty((B, V), dtype=torch.float32, device=device)     # [B, V] scratch
-    block_v = min(triton.next_power_of_2(max(V, 16)), 4096)
+    block_v = min(next_pow2(max(V, 16)), 4096)
     _tree_verify_sample_kernel[(B,)](
         candidates, target_probs, draft_probs, next_token, next_sibling, uniform_accept, uniform_final,
         residual, accept_index, accept_len, bonus_token,
         N, V, candidates.stride(0), target_probs.stride(0), target_probs.stride(1),
         draft_probs.stride(0), draft_probs.stride(1), next_token.stride(0), next_sibling.stride(0),
         uniform_accept.stride(0), accept_index.stride(0),
-        BLOCK_N=max(16, triton.next_power_of_2(N)), BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
+        BLOCK_N=max(16, next_pow2(N)), BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
     return accept_index, accept_len, bonus_token
 
 

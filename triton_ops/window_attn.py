@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, next_pow2
+
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_SPLITS = 128
 
@@ -380,15 +381,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+    return max(16, next_pow2(D))
 
 
+@functools.lru_cache(maxsize=None)
 def _forward_config(n_rows: int, block_d: int, elem_bytes: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward: small packed tiles for
     decode/trees; tiles of wide rows (fp32, D = 256) kept small so the pipelined K/V stages
     fit in shared memory (<= ~100 KB)."""
     wide = block_d * elem_bytes                                    # bytes of one key row
-    block_m = min(64 if wide <= 512 else 32, max(16, triton.next_power_of_2(n_rows)))
+    block_m = min(64 if wide <= 512 else 32, max(16, next_pow2(n_rows)))
     block_n = max(16, min(64, 16384 // wide))
     num_warps = 4 if (block_m <= 16 or wide <= 256) else 8
     return block_m, block_n, num_warps, 3 if wide <= 256 else 2
@@ -404,8 +406,8 @@ def default_num_splits(B: int, Hkv: int, n_row_tiles: int, max_visited_keys: int
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if programs >= sms:
         return 1
-    max_blocks = triton.cdiv(max(max_visited_keys, 1), block_n)
-    splits = min(triton.cdiv(2 * sms, programs), triton.cdiv(max_blocks, 2), _MAX_SPLITS)
+    max_blocks = cdiv(max(max_visited_keys, 1), block_n)
+    splits = min(cdiv(2 * sms, programs), cdiv(max_blocks, 2), _MAX_SPLITS)
     return max(1, splits)
 
 
@@ -436,16 +438,16 @@ def _check_inputs(q, k, v, kv_len, q_pos, tree_mask) -> None:
     if tree_mask is not None and tuple(tree_mask.shape) != (B, Tq, Tq):
         raise ValueError(f"window_attn (triton): tree_mask must have shape [B, Tq, Tq] = "
                          f"[{B}, {Tq}, {Tq}], got {list(tree_mask.shape)}")
-    devices = {t.device for t in (q, k, v, kv_len, q_pos) + ((tree_mask,) if tree_mask is not None else ())}
-    if len(devices) != 1:
-        raise ValueError(f"window_attn (triton): all tensors must be on one device, got "
-                         f"{sorted(str(x) for x in devices)}")
+    device = q.device
+    if not (k.device == v.device == kv_len.device == q_pos.device == device) or (
+            tree_mask is not None and tree_mask.device != device):
+        raise ValueError(f"window_attn (triton): all tensors must be on q's device {device}")
 
 
 def _common(q, k, v, kv_len, q_pos, tree_mask, scale):
     """Layout preparation shared by forward and backward."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    q_pos = _last_dim_contiguous(q_pos)
+    q_pos, kv_len = _last_dim_contiguous(q_pos), kv_len.contiguous()
     if tree_mask is not None:
         tree_u8 = _last_dim_contiguous(tree_mask.to(torch.bool)).view(torch.uint8)  # [B, Tq, Tq]
         tree_strides = (tree_u8.stride(0), tree_u8.stride(1))
@@ -454,7 +456,7 @@ def _common(q, k, v, kv_len, q_pos, tree_mask, scale):
         tree_strides = (0, 0)
     D = q.shape[-1]
     scale = scale if scale > 0 else 1.0 / math.sqrt(D)
-    return q, k, v, q_pos, tree_u8, tree_strides, scale
+    return q, k, v, kv_len, q_pos, tree_u8, tree_strides, scale
 
 
 def window_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor,
@@ -464,7 +466,7 @@ def window_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
     """Fused forward. Returns out [B, Hq, Tq, D] (q's dtype) and lse [B, Hq, Tq] (float32).
     `num_splits` overrides the split-KV factor (benchmarks, tests); None picks it."""
     _check_inputs(q, k, v, kv_len, q_pos, tree_mask)
-    q, k, v, q_pos, tree_u8, (stride_tb, stride_ti), scale = _common(q, k, v, kv_len, q_pos, tree_mask, scale)
+    q, k, v, kv_len, q_pos, tree_u8, (stride_tb, stride_ti), scale = _common(q, k, v, kv_len, q_pos, tree_mask, scale)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -477,7 +479,7 @@ def window_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
     block_d = _block_d(D)
     n_rows = Tq * group
     block_m, block_n, num_warps, num_stages = _forward_config(n_rows, block_d, q.element_size())
-    n_row_tiles = triton.cdiv(n_rows, block_m)
+    n_row_tiles = cdiv(n_rows, block_m)
     if num_splits is None:
         visited = Tk if window <= 0 else min(Tk, window + max(n_anchor, 0) + n_rows // group)
         num_splits = default_num_splits(B, Hkv, n_row_tiles, visited, block_n, q.device)
@@ -502,11 +504,12 @@ def window_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
         n_out_rows = B * Hq * Tq
         _merge_splits_kernel[(n_out_rows,)](
             part_out, part_lse, out, lse, n_out_rows, D,
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits), BLOCK_D=block_d,
             num_warps=4)
     return out, lse
 
 
+@functools.lru_cache(maxsize=None)
 def _backward_config(block_d: int, elem_bytes: int) -> tuple[int, int, int, int, int, int]:
     """(dq BLOCK_M, dq BLOCK_N, dkdv BLOCK_M, dkdv BLOCK_N, num_warps, num_stages)."""
     wide = block_d * elem_bytes                                    # bytes of one row
@@ -527,7 +530,7 @@ def window_attn_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     of each GQA group, zero for never-visible keys). `grad_lse` (optional, [B, Hq, Tq]) adds
     the gradient flowing into lse: d lse / d score = P, so it folds into delta."""
     _check_inputs(q, k, v, kv_len, q_pos, tree_mask)
-    q, k, v, q_pos, tree_u8, (stride_tb, stride_ti), scale = _common(q, k, v, kv_len, q_pos, tree_mask, scale)
+    q, k, v, kv_len, q_pos, tree_u8, (stride_tb, stride_ti), scale = _common(q, k, v, kv_len, q_pos, tree_mask, scale)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -552,11 +555,11 @@ def window_attn_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                       d_out.stride(0), d_out.stride(1), d_out.stride(2),
                       q_pos.stride(0), stride_tb, stride_ti)
     scalars = (Hkv, Tq, Tk, D, int(window), int(n_anchor), scale, scale * LOG2E)
-    _window_attn_bwd_dq_kernel[(triton.cdiv(n_rows, dq_m), B * Hkv)](
+    _window_attn_bwd_dq_kernel[(cdiv(n_rows, dq_m), B * Hkv)](
         q, k, v, d_out, lse, delta, kv_len, q_pos, tree_u8, dq, *common_strides, *scalars,
         GROUP=group, HAS_TREE=tree_mask is not None, BLOCK_M=dq_m, BLOCK_N=dq_n,
         BLOCK_D=block_d, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
-    _window_attn_bwd_dkdv_kernel[(triton.cdiv(Tk, kv_n), B * Hkv)](
+    _window_attn_bwd_dkdv_kernel[(cdiv(Tk, kv_n), B * Hkv)](
         q, k, v, d_out, lse, delta, kv_len, q_pos, tree_u8, dk, dv, *common_strides, *scalars,
         GROUP=group, HAS_TREE=tree_mask is not None, BLOCK_M=kv_m, BLOCK_N=kv_n,
         BLOCK_D=block_d, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)

@@ -11,32 +11,16 @@ import contextlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from sparrow_kernels import ops
 from sparrow_kernels.targets.base import PrefillOutput, TargetState, TreeOutput, VideoPrompt
 
-WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.pt")
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
-
-
-# ----------------------------------------------------------------------------- kv_compact indirection
-def kv_compact_fn() -> Callable[..., None]:
-    """`sparrow_kernels.ops.kv_compact`, or the reference while the ops front is not importable.
-
-    The fallback exists only for checkouts where the compiled extension is not built yet; the
-    semantics are the same (docs/ops.md), so results do not depend on which one runs.
-    """
-    try:
-        from sparrow_kernels import ops  # noqa: PLC0415 (the extension may be missing)
-
-        return ops.kv_compact
-    except (ImportError, AttributeError, OSError):
-        from sparrow_kernels import reference  # noqa: PLC0415
-
-        return reference.kv_compact
 
 
 # ----------------------------------------------------------------------------- cache helpers
@@ -100,7 +84,6 @@ def compact_cache(cache, lengths: torch.Tensor, tree_start: int, accept_index: t
     step, while the per-layer calls move only the accepted entries. Returns the new slot count
     (the longest row) after truncating the dropped tree slots.
     """
-    kv_compact = kv_compact_fn()
     shift = (tree_start - lengths).unsqueeze(1)  # [B, 1]
     src_index = torch.where(accept_index >= 0, accept_index + shift, accept_index)  # [B, A]
     new_slot_count = int((lengths + accept_len).max())
@@ -109,7 +92,7 @@ def compact_cache(cache, lengths: torch.Tensor, tree_start: int, accept_index: t
             tensor = getattr(layer, name)
             if not tensor.is_contiguous():
                 tensor = tensor.contiguous()
-            kv_compact(tensor.unsqueeze(0), lengths, src_index, accept_len)
+            ops.kv_compact(tensor.unsqueeze(0), lengths, src_index, accept_len)  # [1, B, H, S, D]
             setattr(layer, name, tensor[..., :new_slot_count, :])
     return new_slot_count
 
@@ -197,6 +180,24 @@ def resize_normalize(pixels: torch.Tensor, height: int, width: int, mean: Sequen
     return (pixels - mean_t) / std_t
 
 
+def chat_text(processor, prompt: VideoPrompt, row: int) -> str:
+    """The model's chat prompt for one user turn (the video, then the text) via the processor's
+    chat template. `prompt.prompt` is the text; without it, `prompt_ids` are decoded to text."""
+    text = prompt.prompt
+    if text is None and prompt.prompt_ids is not None:
+        ids = torch.as_tensor(prompt.prompt_ids).reshape(-1).tolist()
+        text = processor.tokenizer.decode(ids, skip_special_tokens=True)
+    if text is None:
+        raise ValueError(f"prompts[{row}].prompt (text) or prompt_ids is required")
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on a GPU (the checkpoints' own dtype), float32 on a CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def check_text_ids(prompt_ids, row: int, forbidden: dict[str, int]) -> list[int]:
     ids = torch.as_tensor(prompt_ids).reshape(-1).tolist() if prompt_ids is not None else []
     for name, token in forbidden.items():
@@ -282,6 +283,11 @@ class HFVideoTarget:
         self._cache_kwarg = cache_kwarg_name(model)
 
     # --------------------------------------------------------------- model parts
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (from its processor), or None for processor-less models."""
+        return getattr(self.processor, "tokenizer", None)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

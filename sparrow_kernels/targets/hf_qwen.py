@@ -17,7 +17,9 @@ from sparrow_kernels.targets.hf_common import (
     HFVideoTarget,
     RowInputs,
     check_frames,
+    chat_text,
     check_text_ids,
+    default_dtype,
     has_processor,
     require_weights,
     resize_normalize,
@@ -82,15 +84,17 @@ class QwenVLTarget(HFVideoTarget):
 
     # --------------------------------------------------------------- construction
     @classmethod
-    def from_pretrained(cls, directory, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+    def from_pretrained(cls, directory, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                         attn_implementation: str = "sdpa", **kwargs) -> "QwenVLTarget":
-        """Load a local checkpoint directory (never downloads) and its processor if present."""
+        """Load a local checkpoint directory (never downloads) and its processor if present;
+        `dtype` defaults to bf16 on a GPU and float32 on a CPU."""
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration  # noqa: PLC0415
 
         directory = Path(directory)
         require_weights(directory)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            directory, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True).to(device)
+            directory, dtype=dtype or default_dtype(device), attn_implementation=attn_implementation,
+            local_files_only=True).to(device)
         processor = AutoProcessor.from_pretrained(directory, local_files_only=True) if has_processor(directory) else None
         return cls(model, processor, **kwargs)
 
@@ -178,10 +182,7 @@ class QwenVLTarget(HFVideoTarget):
                 "video_grid_thw": grid_thw}
 
     def _processor_inputs(self, prompt: VideoPrompt, pixels: torch.Tensor, row: int) -> dict:
-        if prompt.prompt is None:
-            raise ValueError(f"prompts[{row}].prompt (text) is required with a processor")
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt.prompt}]}]
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = chat_text(self.processor, prompt, row)
         frames = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)  # [T, 3, H, W]
         count = frames.shape[0]
         metadata = {"total_num_frames": count, "fps": self.video_fps, "frames_indices": list(range(count))}

@@ -411,7 +411,8 @@ class TinyVLMTarget:
             input_ids[b, nv:nv + len(ids)] = ids
             text_mask[b, nv:nv + len(ids)] = True
 
-        kv = torch.empty(2 * cfg.num_layers, B, cfg.num_kv_heads, capacity, cfg.head_dim, device=self.device)
+        # zeros, not empty: masked slots still enter SDPA's weighted sum (0 * NaN garbage = NaN)
+        kv = torch.zeros(2 * cfg.num_layers, B, cfg.num_kv_heads, capacity, cfg.head_dim, device=self.device)
         out, collected = self.model.causal_forward(x, positions, layers, kv)
         lengths = lengths.to(self.device)
         last = out[torch.arange(B, device=self.device), lengths - 1]              # [B, d]

@@ -60,6 +60,10 @@ class DraftBatch:
     query_start: int
     n_anchor: int
 
+    def to(self, device) -> "DraftBatch":
+        return DraftBatch(self.tokens.to(device), self.features.to(device), self.valid.to(device),
+                          self.token_pos.to(device), self.label_ok.to(device), self.query_start, self.n_anchor)
+
 
 def draft_order(seqs: TargetSequences, include_visual: bool, visual_first: bool) -> list[Tensor]:
     """Target positions the draft sees, per row: text only (VATA), visual states first then
@@ -118,14 +122,15 @@ def unrolled_loss(draft: SparrowDraft, batch: DraftBatch, seqs: TargetSequences,
     """Training-time test loss: soft cross-entropy against the target's distribution at each
     unrolled step (weights decay**(k-1)), plus optional smooth-L1 feature regression.
     Returns (loss, stats) with per-step top-1 agreement counts."""
-    head = draft.frozen.lm_head
-    hidden_last = seqs.hidden[last_layer]                                            # [B, T, H]
+    dev = draft.device
+    batch = batch.to(dev)
+    hidden_last = seqs.hidden[last_layer].to(dev)                                    # [B, T, H]
     outs = draft.unrolled_forward(batch.tokens, batch.features, batch.valid, steps, batch.query_start,
                                   batch.n_anchor)
     B, S = batch.tokens.shape
     Tq = S - batch.query_start
-    chain = batch.query_start + torch.arange(Tq)                                     # [Tq] entry of each chain
-    total, weight_sum = torch.zeros(()), 0.0
+    chain = batch.query_start + torch.arange(Tq, device=dev)                         # [Tq] entry of each chain
+    total, weight_sum = torch.zeros((), device=dev), 0.0
     stats = {"agree": [], "count": [], "ce": []}
     regress = feature_weight > 0 and draft.config.feature_layers == (last_layer,)
     for k, out in enumerate(outs, start=1):
@@ -142,7 +147,7 @@ def unrolled_loss(draft: SparrowDraft, batch: DraftBatch, seqs: TargetSequences,
             continue
         target_h = hidden_last[rows, pos[rows, cols]]                                # [N, H]
         with torch.no_grad():
-            target_logp = torch.log_softmax(head(target_h).float(), dim=-1)         # [N, V]
+            target_logp = torch.log_softmax(draft.logits(target_h).float(), dim=-1)  # [N, V]
         draft_h = out[rows, cols]                                                    # [N, H]
         draft_logp = torch.log_softmax(draft.logits(draft_h).float(), dim=-1)       # [N, V]
         ce = -(target_logp.exp() * draft_logp).sum(-1).mean()
@@ -162,19 +167,19 @@ def unrolled_loss(draft: SparrowDraft, batch: DraftBatch, seqs: TargetSequences,
 # --------------------------------------------------------------------------- setup
 
 
-def load_any_target(spec: str | None):
+def load_any_target(spec: str | None, device: str = "cpu"):
     """'tiny'/None: the committed tiny VLM; a directory with a tiny VLM config: that checkpoint;
     anything else: `sparrow_kernels.targets.load_target`."""
     from ..targets.tinyvlm import TinyVLMTarget
 
     if spec in (None, "tiny"):
-        return TinyVLMTarget.load()
+        return TinyVLMTarget.load(device=device)
     config = Path(spec) / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("model_type") == "sparrow_tinyvlm":
-        return TinyVLMTarget.load(spec)
+        return TinyVLMTarget.load(spec, device=device)
     from ..targets import load_target
 
-    return load_target(spec)
+    return load_target(spec, device=device)
 
 
 def target_fingerprint(spec: str | None, target) -> str:
@@ -243,10 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="cache target hidden states here (default: online)")
     p.add_argument("--cache-budget-mb", type=float, default=2048.0)
     p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-frames", default="16,128", help="held-out frame counts for the final evaluation")
+    p.add_argument("--eval-frames", default="16,128,256", help="held-out frame counts for the final evaluation")
     p.add_argument("--eval-groups", type=int, default=3, help="held-out batches per frame count")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--resume", action="store_true", help="continue from --out's trainer state")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only distill the answers and fill --cache-dir with the target states, then exit")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (saving the trainer state) once this many steps are done, as if interrupted")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -296,14 +303,14 @@ def group_schedule(n_groups: int, steps: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate(draft: SparrowDraft, store: HiddenStateStore, groups: list[DistillGroup], offset: int,
-             layout: dict, steps: int, last_layer: int) -> dict:
+def evaluate(draft: SparrowDraft, store: HiddenStateStore, groups: list[DistillGroup], layout: dict, steps: int,
+             last_layer: int) -> dict:
     """Top-1 agreement of the draft with the target per unrolled step (teacher-forced tokens,
     self-fed hidden states), on held-out groups."""
     agree = [0] * steps
     count = [0] * steps
     for i, group in enumerate(groups):
-        seqs = store.get(offset + i, group)
+        seqs = store.get(i, group)
         batch = make_draft_batch(seqs, draft.config, **layout)
         _, stats = unrolled_loss(draft, batch, seqs, steps, 1.0, 0.0, last_layer)
         for k in range(steps):
@@ -331,7 +338,9 @@ def train(args: argparse.Namespace) -> dict:
     random.seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    target = load_any_target(args.target)
+    target = load_any_target(args.target, args.device)
+    for p in getattr(target, "model", torch.nn.Module()).parameters():
+        p.requires_grad_(False)                                      # frozen: no gradients into the target
     config = make_draft_config(target, args, vata, ivsb)
     if config.window > 0 and config.window < steps_unrolled:
         raise ValueError(f"--window={config.window} must be 0 or >= the unrolled steps ({steps_unrolled})")
@@ -366,10 +375,12 @@ def train(args: argparse.Namespace) -> dict:
     train_groups = cached_answered_groups(target, data_dir / f"distill_{key}.json", plan_meta, make_train,
                                           args.max_new_tokens, progress, "distill train answers")
     eval_groups: dict[int, list[DistillGroup]] = {}
+    eval_keys: dict[int, str] = {}
     for frames in eval_sets:
         meta = {"target": fingerprint, "heldout_frames": frames, "groups": args.eval_groups,
                 "batch": args.batch_size, "max_new_tokens": args.max_new_tokens}
         ekey = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+        eval_keys[frames] = ekey
         eval_groups[frames] = cached_answered_groups(
             target, data_dir / f"distill_eval_{ekey}.json", meta,
             lambda f=frames: tiny_plan(target, args.eval_groups, args.batch_size, f, f, 7, caption_fraction=1.0,
@@ -377,12 +388,18 @@ def train(args: argparse.Namespace) -> dict:
             args.max_new_tokens, progress, f"distill eval answers ({frames} frames)")
     layers = sorted({*config.feature_layers, last_layer, ivsb_layer})
     store = HiddenStateStore(target, layers, args.cache_dir, args.cache_budget_mb, key)
-    eval_store = HiddenStateStore(target, layers, args.cache_dir, args.cache_budget_mb, key + "_eval")
-    eval_offsets = {}
-    offset = 0
-    for frames, groups in eval_groups.items():
-        eval_offsets[frames] = offset
-        offset += len(groups)
+    eval_stores = {frames: HiddenStateStore(target, layers, args.cache_dir, args.cache_budget_mb, f"eval_{ekey}")
+                   for frames, ekey in eval_keys.items()}
+
+    if args.prepare_only:
+        from tqdm.auto import tqdm
+
+        for i, group in enumerate(tqdm(train_groups, desc="target states", disable=not progress)):
+            store.get(i, group)
+        for frames, groups in eval_groups.items():
+            for i, group in enumerate(groups):
+                eval_stores[frames].get(i, group)
+        return {"losses": [], "eval": {}, "draft": None}
 
     # ---- model, optimizer, resume
     draft = SparrowDraft.from_target(config, target).float()
@@ -446,7 +463,7 @@ def train(args: argparse.Namespace) -> dict:
         if first_eval is not None and args.eval_every > 0 and (step + 1) % args.eval_every == 0 \
                 and step + 1 < args.steps:
             draft.eval()
-            result = evaluate(draft, eval_store, eval_groups[first_eval][:1], eval_offsets[first_eval], infer_layout,
+            result = evaluate(draft, eval_stores[first_eval], eval_groups[first_eval][:1], infer_layout,
                               steps_unrolled, last_layer)
             log({"step": step + 1, "eval_frames": first_eval, **result})
             bar.write(f"step {step + 1}: held-out top-1 per step ({first_eval} frames) {result['top1_per_step']}")
@@ -464,7 +481,7 @@ def train(args: argparse.Namespace) -> dict:
     final = {}
     for frames, groups in eval_groups.items():
         final[str(target.visual_tokens_for(frames) if hasattr(target, "visual_tokens_for") else frames)] = \
-            evaluate(draft, eval_store, groups, eval_offsets[frames], infer_layout, max(steps_unrolled, 4),
+            evaluate(draft, eval_stores[frames], groups, infer_layout, max(steps_unrolled, 4),
                      last_layer)
     draft.training_info["heldout_eval"] = final
     draft.training_info["final_loss"] = round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4) if losses else None

@@ -7,6 +7,7 @@ overshoot, capacity errors come before any tree forward, and streaming yields th
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,10 +108,10 @@ def test_tree_finds_the_true_token_on_a_later_sibling(target):
 # ----------------------------------------------------------------------------- draft inputs
 @pytest.mark.parametrize("visual_kv", [False, True])
 def test_draft_gets_target_features_with_eagle_shift(target, visual_kv):
-    """Concatenating every extend call of a row gives exactly the pairs (target feature at
-    position t, token at t + 1) over the prompt's text positions (all positions for the
-    visual-KV baseline; always the last prompt position) and then every committed generated
-    position, with the features the target computes for the final sequence."""
+    """Concatenating every extend call of a row gives exactly the pairs (target feature at a
+    kept position, token at the next kept position) over the prompt's text positions (all
+    positions for the visual-KV baseline; always the last prompt position) followed by every
+    committed generated position, with the features the target computes for the final sequence."""
     prompts = vlm_prompts(target, 3, seed=21)
     max_new = 12
     layers = (1, target.num_layers)
@@ -132,25 +133,32 @@ def test_draft_gets_target_features_with_eagle_shift(target, visual_kv):
         committed = len(tokens) - len(positions)                                   # generated entries
         assert max_new - TREES["tree"]["depth"] - 2 <= committed <= max_new - 1
         positions += list(range(L, L + committed))
-        assert tokens.tolist() == [sequence[t + 1] for t in positions]
+        following = positions[1:] + [L + committed]
+        assert tokens.tolist() == [sequence[t] for t in following]
         expected = torch.cat([redo.hidden[0][0, positions], redo.hidden[1][0, positions]], dim=-1)
         assert features.shape == (len(positions), 2 * H)
         torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_draft_prompt_entries_layout(target):
-    prompts = vlm_prompts(target, 3, seed=4)
-    pre = target.prefill(prompts, [target.num_layers], 200)
+def test_draft_prompt_entries_layout():
+    """Hand-made prefill outputs with text before, between and after video spans, and a row
+    whose prompt ends on a visual position (always kept: it predicts the first token)."""
+    text_mask = torch.tensor([[1, 0, 0, 1, 1, 0, 1, 0],
+                              [0, 0, 1, 1, 0, 0, 0, 0],
+                              [1, 1, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    lengths = torch.tensor([8, 6, 3])
+    input_ids = torch.arange(100, 124).view(3, 8)
+    pre = SimpleNamespace(input_ids=input_ids, text_mask=text_mask & (torch.arange(8) < lengths[:, None]),
+                          lengths=lengths)
     first = torch.tensor([11, 12, 13])
+    kept = {False: [[0, 3, 4, 6, 7], [2, 3, 5], [0, 1, 2]], True: [list(range(8)), list(range(6)), [0, 1, 2]]}
     for visual_kv in (False, True):
         index, tokens, valid = draft_prompt_entries(pre, first, visual_kv)
         for b in range(3):
-            L = int(pre.lengths[b])
-            want = [t for t in range(L) if visual_kv or bool(pre.text_mask[b, t])]
-            assert index[b, :int(valid[b])].tolist() == want
-            assert bool((index[b, int(valid[b]):] == -1).all())
-            ids = pre.input_ids[b, :L].tolist() + [int(first[b])]
-            assert tokens[b, :int(valid[b])].tolist() == [ids[t + 1] for t in want]
+            want = kept[visual_kv][b]
+            assert valid[b] == len(want) and index[b, :len(want)].tolist() == want
+            assert bool((index[b, len(want):] == -1).all()) and bool((tokens[b, len(want):] == 0).all())
+            assert tokens[b, :len(want)].tolist() == [int(input_ids[b, t]) for t in want[1:]] + [int(first[b])]
 
 
 # ----------------------------------------------------------------------------- stops

@@ -2,9 +2,9 @@
 kernel, autograd registration, AOT dispatch) and a fullgraph torch.compile trace."""
 from __future__ import annotations
 
-import pytest
 import torch
 
+from sparrow_kernels import ops
 from tests.ops.helpers import WindowCase, make_window_inputs
 
 
@@ -84,11 +84,25 @@ def test_fullgraph_compile_traces_every_op(compiled_backend):
     index = torch.tensor([[0, 5, -1], [1, 1, 2]], device=dev)
     cand = torch.tensor([[0, 1, 2], [0, 2, 1]], device=dev)
     predict = torch.tensor([[1, 5, 5], [1, 5, 5]], device=dev)
-    links = (torch.tensor([[1, -1, -1]] * 2, device=dev), torch.tensor([[-1, 2, -1]] * 2, device=dev))
-    args = (x.q, x.k, x.v, hidden, index, None, cand, predict) + links
-    kv_eager, kv_compiled = torch.randn(2, 2, 1, 4, 3, device=dev), None
+    next_token = torch.tensor([[1, -1, -1]] * 2, device=dev)
+    next_sibling = torch.tensor([[-1, 2, -1]] * 2, device=dev)
+    kv_eager = torch.randn(2, 2, 1, 4, 3, device=dev)
     kv_compiled = kv_eager.clone()
-    eager = step(*args[:5], kv_eager, *args[6:])
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*args[:5], kv_compiled, *args[6:])
+    eager = step(x.q, x.k, x.v, hidden, index, kv_eager, cand, predict, next_token, next_sibling)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(
+        x.q, x.k, x.v, hidden, index, kv_compiled, cand, predict, next_token, next_sibling)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(kv_compiled, kv_eager)
+
+
+def test_fullgraph_compile_through_the_python_front(compiled_backend):
+    """sparrow_kernels.ops.* (backend choice + checks) traces in one graph as well."""
+    x = window_samples(compiled_backend.device)[1]
+
+    def attend(q, k, v):
+        return ops.window_attn(q, k, v, x.kv_len, x.q_pos, x.window, x.n_anchor, None, x.scale)
+
+    with compiled_backend.use():
+        eager = attend(x.q, x.k, x.v)
+        compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(x.q, x.k, x.v)
+    torch.testing.assert_close(compiled, eager)

@@ -56,7 +56,7 @@ def test_tree_logits_equal_plain_forward_of_each_path(attn, sizes):
     check_tree_matches_paths(target, prompt, parents, seed=3)
 
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(nodes=st.integers(1, 9), tree_seed=st.integers(0, 10_000), suffix=st.integers(0, 6),
        frames=st.sampled_from([1, 2, 5]))
 def test_tree_logits_random_trees(nodes, tree_seed, suffix, frames):
@@ -146,8 +146,18 @@ def test_uncommitted_tree_is_dropped_by_the_next_forward():
 def test_load_target_from_a_local_directory(tmp_path):
     target = make_target("sdpa")
     target.model.save_pretrained(tmp_path)
-    loaded = load_target(str(tmp_path), dtype=torch.float32)
-    assert isinstance(loaded, LlavaOneVisionTarget) and loaded.processor is None
+    loaded = load_target(str(tmp_path))
+    assert isinstance(loaded, LlavaOneVisionTarget) and loaded.processor is None and loaded.tokenizer is None
+    assert loaded.dtype == torch.float32  # the CPU default
     prompt = random_prompt(target, frames=2, suffix=2, seed=17)
     assert loaded.generate_greedy([prompt], 6, eos_token_ids=()) == target.generate_greedy([prompt], 6,
                                                                                           eos_token_ids=())
+
+
+def test_load_target_tiny_goes_to_the_builtin_model(monkeypatch):
+    from sparrow_kernels.targets import tinyvlm
+
+    calls = []
+    monkeypatch.setattr(tinyvlm.TinyVLMTarget, "load", classmethod(lambda cls, **kw: calls.append(kw) or "tiny"))
+    assert load_target("tiny", device="cpu") == "tiny" and load_target(None) == "tiny"
+    assert calls == [{"device": "cpu"}, {}]

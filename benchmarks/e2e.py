@@ -1,0 +1,191 @@
+"""End-to-end study: autoregressive vs the visual-KV (EAGLE/MSD-style) draft vs the Sparrow
+draft, at several visual-token counts, greedy and T=1, measured side by side in one run.
+
+Reports per setting tau, decoding speedup (decode phase only), end-to-end speedup (prefill
+included), tokens/s and the time split, plus the ablation table (VATA / IVSB / MTP); checks
+that every greedy output equals autoregressive decoding; writes JSON and two PNG plots.
+It measures; it asserts nothing about speed.
+
+    python benchmarks/e2e.py                       # built-in tiny video LM, committed drafts
+    python benchmarks/e2e.py --quick               # one short setting (CI smoke)
+    python benchmarks/e2e.py --target DIR --draft sparrow=DIR --draft visual_kv=DIR2   # HF checkpoints
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_LENGTHS = (500, 1500, 6000, 12000, 25000)
+METHODS = ("visual_kv", "sparrow")
+ABLATIONS = ("none", "vata", "mtp", "mtp_ivsb", "sparrow")     # the paper's ablation rows
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="tiny", help="'tiny' or a local HF checkpoint directory")
+    ap.add_argument("--draft", action="append", default=[], metavar="NAME=DIR",
+                    help="drafts to compare (default: the committed visual_kv and sparrow drafts of the tiny LM)")
+    ap.add_argument("--visual-tokens", default=",".join(map(str, DEFAULT_LENGTHS)))
+    ap.add_argument("--videos", type=int, default=2, help="held-out synthetic videos per setting")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperatures", default="0,1")
+    ap.add_argument("--ablations", action="store_true", help="also the ablation table (tau at the shortest and longest length)")
+    ap.add_argument("--total-tokens", type=int, default=None)
+    ap.add_argument("--depth", type=int, default=None)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="one short length, one video, greedy only")
+    ap.add_argument("--out", default=str(HERE / "results"), help="directory for e2e.json and the plots")
+    return ap.parse_args(argv)
+
+
+def tree_settings(args, device):
+    from sparrow_kernels.cli import CPU_TREE, GPU_TREE
+
+    tree = dict(GPU_TREE if device.type == "cuda" else CPU_TREE)
+    for key in tree:
+        if getattr(args, key) is not None:
+            tree[key] = getattr(args, key)
+    return tree
+
+
+def load_drafts(args, target):
+    from sparrow_kernels.draft import SparrowDraft, committed_draft_dir
+
+    specs = dict(s.split("=", 1) for s in args.draft)
+    if not specs:
+        names = METHODS + (tuple(a for a in ABLATIONS if a not in METHODS) if args.ablations else ())
+        specs = {n: committed_draft_dir(n) for n in names if os.path.isdir(committed_draft_dir(n))}
+    return {name: SparrowDraft.load(path, target).to(target.device) for name, path in specs.items()}
+
+
+def run_setting(target, drafts, tree, prompt, max_new, temperature, seed):
+    """One video: AR and every draft; returns per-method stats dicts and the equality check."""
+    from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
+
+    ar = autoregressive_generate(target, [prompt], max_new, temperature=temperature, seed=seed)
+    rows = {"autoregressive": {**ar.stats.as_dict(), "tokens": len(ar.tokens[0]), "same_as_ar": True}}
+    for name, draft in drafts.items():
+        gen = SparrowGenerator(target, draft, **tree)
+        res = gen.generate([prompt], max_new, temperature=temperature, seed=seed)
+        rows[name] = {**res.stats.as_dict(), "tokens": len(res.tokens[0]),
+                      "same_as_ar": res.tokens[0] == ar.tokens[0]}
+    return rows
+
+
+def aggregate(per_video):
+    """Sum times and tokens over videos, then ratios against autoregressive."""
+    out = {}
+    for method in per_video[0]:
+        runs = [v[method] for v in per_video]
+        tokens = sum(r["tokens"] for r in runs)
+        steps = sum(r["steps"] for r in runs)
+        tot = {k: sum(r[k] for r in runs) for k in ("prefill_s", "draft_s", "verify_s", "bookkeeping_s", "decode_s", "total_s")}
+        tau_num = sum(r["tau"] * r["steps"] for r in runs)
+        out[method] = {"tokens": tokens, "steps": steps, "tau": (tau_num / steps) if steps else 0.0, **tot,
+                       "tok_s_decode": (tokens - len(runs)) / tot["decode_s"] if tot["decode_s"] else 0.0,
+                       "tok_s_e2e": tokens / tot["total_s"] if tot["total_s"] else 0.0,
+                       "all_same_as_ar": all(r["same_as_ar"] for r in runs)}
+    base = out["autoregressive"]
+    for m in out.values():
+        # decode-phase speedup per generated token (rows may emit different counts under sampling)
+        m["decode_speedup"] = (base["decode_s"] / max(base["tokens"] - 1, 1)) / (m["decode_s"] / max(m["tokens"] - 1, 1)) if m["decode_s"] else 0.0
+        m["e2e_speedup"] = (base["total_s"] / base["tokens"]) / (m["total_s"] / m["tokens"]) if m["total_s"] else 0.0
+    return out
+
+
+def plot(results, lengths, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for temp, res in results.items():
+        for key, ylabel, fname in (("decode_speedup", "decoding speedup vs autoregressive (x)", "speedup"),
+                                   ("tau", "tau (tokens per verification step)", "tau")):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            methods = [m for m in res[str(lengths[0])] if m != "autoregressive" or key == "decode_speedup"]
+            for m in methods:
+                ax.plot(lengths, [res[str(L)][m][key] for L in lengths], marker="o", label=m)
+            ax.set_xscale("log")
+            ax.set_xlabel("visual tokens")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"tiny video LM, T={temp}")
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(out_dir / f"e2e_{fname}_T{temp}.png", dpi=120)
+            plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from sparrow_kernels.targets import load_target
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    target = load_target(args.target, device=device)
+    drafts = load_drafts(args, target)
+    if not drafts:
+        sys.exit("e2e: no drafts found (train them with `sparrow train-draft` or pass --draft NAME=DIR)")
+    lengths = [500] if args.quick else [int(x) for x in args.visual_tokens.split(",")]
+    temps = [0.0] if args.quick else [float(t) for t in args.temperatures.split(",")]
+    videos = 1 if args.quick else args.videos
+    tree = tree_settings(args, device)
+    main_drafts = {n: d for n, d in drafts.items() if n in METHODS or not args.ablations}
+    from sparrow_kernels.data.synthetic import VideoWorld, heldout_seed
+
+    meta = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
+            "tree": tree, "max_new_tokens": args.max_new_tokens, "videos": videos, "argv": sys.argv}
+    print(f"e2e: target={args.target} drafts={list(drafts)} tree={tree} lengths={lengths} temps={temps} videos={videos}")
+    results: dict = {}
+    for temp in temps:
+        results[str(temp)] = {}
+        for L in lengths:
+            per_video = []
+            for i in range(videos):
+                frames = VideoWorld(heldout_seed(1000 + i)).render(target.frames_for(L))
+                prompt = target.make_prompt(frames)
+                per_video.append(run_setting(target, main_drafts, tree, prompt, args.max_new_tokens, temp, seed=i))
+            agg = aggregate(per_video)
+            results[str(temp)][str(L)] = agg
+            for m, r in agg.items():
+                print(f"T={temp:g} visual={L:6d} {m:<15} tau {r['tau']:5.2f}  decode x{r['decode_speedup']:5.2f}  "
+                      f"e2e x{r['e2e_speedup']:5.2f}  {r['tok_s_decode']:7.1f} tok/s  prefill {r['prefill_s']:6.2f}s "
+                      f"draft {r['draft_s']:6.2f}s verify {r['verify_s']:6.2f}s other {r['bookkeeping_s']:6.2f}s"
+                      + ("" if temp > 0 else f"  same_as_ar={r['all_same_as_ar']}"), flush=True)
+    ablation = {}
+    if args.ablations and not args.quick:
+        abl = {n: drafts[n] for n in ABLATIONS if n in drafts}
+        for L in (lengths[0], lengths[-1]):
+            per_video = []
+            for i in range(videos):
+                prompt = target.make_prompt(VideoWorld(heldout_seed(1000 + i)).render(target.frames_for(L)))
+                per_video.append(run_setting(target, abl, tree, prompt, args.max_new_tokens, 0.0, seed=i))
+            ablation[str(L)] = {m: r["tau"] for m, r in aggregate(per_video).items() if m != "autoregressive"}
+        print("ablation (tau, greedy): " + json.dumps(ablation))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ("e2e_quick.json" if args.quick else "e2e.json")).write_text(
+        json.dumps({"meta": meta, "results": results, "ablation": ablation}, indent=1))
+    if not args.quick:
+        plot(results, lengths, out_dir)
+    bad = [(t, L, m) for t, rt in results.items() for L, rl in rt.items() for m, r in rl.items()
+           if float(t) == 0 and not r["all_same_as_ar"]]
+    if bad:
+        print(f"e2e: greedy outputs differ from autoregressive in {bad}", file=sys.stderr)
+        return 1
+    print(f"e2e: all greedy outputs identical to autoregressive; wrote {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
