@@ -37,7 +37,8 @@ def sampling_probs(logits: Tensor, temperature: float, top_p: float = 1.0) -> Te
         mass_up_to = ascending.softmax(dim=-1).cumsum(dim=-1)
         drop = mass_up_to <= 1 - top_p
         drop[..., -1] = False                                                              # keep the top token
-        scaled = scaled.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        drop_unsorted = torch.zeros_like(drop).scatter(-1, order, drop)                   # back to vocab order
+        scaled = scaled.masked_fill(drop_unsorted, float("-inf"))
     return scaled.softmax(dim=-1)
 
 
@@ -46,7 +47,7 @@ def sample_from_probs(probs: Tensor, uniform: Tensor) -> Tensor:
     token t with cumsum(probs)[t] > uniform * sum(probs) (the last token with mass if
     rounding runs past the end). probs `[B, V]`, uniform `[B]` in [0, 1) -> tokens `[B]`."""
     cdf = probs.cumsum(dim=-1)                                                             # [B, V]
-    threshold = (uniform.to(cdf.dtype) * cdf[:, -1])[:, None]                              # [B, 1]
+    threshold = (uniform.to(cdf.dtype) * probs.sum(dim=-1))[:, None]                       # [B, 1]
     token = (cdf <= threshold).sum(dim=-1)                                                 # [B]
     last_with_mass = probs.shape[-1] - 1 - (probs > 0).flip(-1).long().argmax(dim=-1)      # [B]
     return torch.minimum(token, last_with_mass)
