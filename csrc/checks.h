@@ -52,19 +52,22 @@ inline std::string format_sizes(c10::IntArrayRef sizes) {
   return os.str();
 }
 
-// "[B, Hkv, Tk, D] = [2, ?, ?, 64]"
+// "[B, Hkv, Tk, D] = [2, ?, ?, 64]" (streams only: GCC 12 -O3 warns falsely on string operator+)
 inline std::string format_spec(const std::vector<DimSpec>& spec) {
-  std::ostringstream names, sizes;
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < spec.size(); ++i) os << (i ? ", " : "") << spec[i].name;
+  os << "] = [";
   for (size_t i = 0; i < spec.size(); ++i) {
-    names << (i ? ", " : "") << spec[i].name;
-    sizes << (i ? ", " : "");
+    os << (i ? ", " : "");
     if (spec[i].size == kAnySize) {
-      sizes << "?";
+      os << "?";
     } else {
-      sizes << spec[i].size;
+      os << spec[i].size;
     }
   }
-  return "[" + names.str() + "] = [" + sizes.str() + "]";
+  os << "]";
+  return os.str();
 }
 
 // Rank + sizes, then dtype, then (when `device` is given) device.
@@ -78,12 +81,12 @@ inline void check_tensor(const char* op, const std::string& arg, const at::Tenso
   }
   TORCH_CHECK(shape_ok, op, ": ", arg, " must have shape ", format_spec(spec), ", got ", format_sizes(t.sizes()));
   bool dtype_ok = false;
-  std::string expected;
+  std::ostringstream expected;
   for (at::ScalarType dtype : dtypes) {
-    dtype_ok = dtype_ok || t.scalar_type() == dtype;
-    expected += (expected.empty() ? "" : " or ") + dtype_name(dtype);
+    if (dtype_ok || t.scalar_type() == dtype) dtype_ok = true;
+    expected << (expected.tellp() > 0 ? " or " : "") << dtype_name(dtype);
   }
-  TORCH_CHECK(dtype_ok, op, ": ", arg, " must have dtype ", expected, ", got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK(dtype_ok, op, ": ", arg, " must have dtype ", expected.str(), ", got ", dtype_name(t.scalar_type()));
   if (device.has_value()) {
     TORCH_CHECK(t.device() == *device, op, ": ", arg, " must be on device ", device->str(),
                 " like the other inputs, got ", t.device().str());
@@ -166,7 +169,9 @@ inline void check_gather_hidden_inputs(at::TensorList hidden, const at::Tensor& 
                {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
   const int64_t B = first.size(0), T = first.size(1), H = first.size(2);
   for (size_t i = 0; i < hidden.size(); ++i) {
-    const std::string arg = "hidden[" + std::to_string(i) + "]";
+    std::ostringstream name;
+    name << "hidden[" << i << "]";
+    const std::string arg = name.str();
     check_tensor(op, arg, hidden[i], {{"B", B}, {"T", T}, {"H", H}}, {first.scalar_type()}, first.device());
     check_last_dim_contiguous(op, arg, hidden[i]);
   }

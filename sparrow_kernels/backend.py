@@ -30,7 +30,9 @@ def _check_name(name: str) -> str:
 
 
 def requested_backend() -> str:
-    """The backend asked for: the innermost `use_backend`, else $SPARROW_BACKEND, else auto."""
+    """The backend asked for: the innermost `use_backend`, else $SPARROW_BACKEND, else auto.
+    (Inside torch.compile, `use_backend` changes are guarded; $SPARROW_BACKEND is read once
+    when the function is traced.)"""
     name = _requested.get()
     if name is None:
         name = os.environ.get(ENV_VAR, "").strip().lower() or "auto"

@@ -209,7 +209,8 @@ def test_other_frame_sizes_are_resized(target):
     big = torch.nn.functional.interpolate(frames.permute(0, 3, 1, 2).float(), size=(64, 48)).permute(0, 2, 3, 1)
     out = target.prefill([VideoPrompt(big / 255, prompt="question: describe the video in detail . answer:")],
                          layers=[], capacity=100)
-    assert out.lengths.tolist()[0] == 48 + 10 and torch.isfinite(out.logits).all()
+    n_text = len(TOK.encode("question: describe the video in detail . answer:", add_bos=True))
+    assert out.lengths.tolist()[0] == 48 + n_text and torch.isfinite(out.logits).all()
 
 
 def test_bad_tree_inputs_and_commit_raise(target):
