@@ -52,8 +52,20 @@ def use_backend(name: str) -> Iterator[None]:
         _requested.reset(token)
 
 
+# The ops whose CUDA kernel came from the C++ build, recorded by ops.py right after loading
+# _C and before Triton fills the gaps (after that the dispatcher alone cannot tell them apart).
+_cpp_cuda_ops: frozenset[str] | None = None
+
+
+def record_cpp_cuda_ops(names) -> None:
+    global _cpp_cuda_ops
+    _cpp_cuda_ops = frozenset(names)
+
+
 def cuda_kernels_built() -> bool:
     """True when the compiled extension registered C++ CUDA kernels for the sparrow ops."""
+    if _cpp_cuda_ops is not None:
+        return "window_attn" in _cpp_cuda_ops
     return torch._C._dispatch_has_kernel_for_dispatch_key("sparrow::window_attn", "CUDA")
 
 

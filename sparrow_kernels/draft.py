@@ -391,9 +391,12 @@ class SparrowDraft(nn.Module):
             k_all = torch.cat([k_real] + own_k, dim=2)                               # [B, Hkv, S + n_blocks*Tq, D]
             v_all = torch.cat([v_real] + own_v, dim=2)
             window = cfg.window - shift if cfg.window > 0 else 0                     # offset: real keys <= base
+            # dummies sit at position -1: they see no real key (only themselves), so cost ~nothing
+            dummy_pos = torch.cat([torch.full((B, (n_blocks - 1) * Tq), -1, dtype=torch.int64, device=dev),
+                                   base_pos], dim=1)                                 # [B, n_blocks*Tq]
             attn_all, _ = ops.window_attn(
                 q_all, k_all, v_all, torch.full((B,), k_all.shape[2], dtype=torch.int64, device=dev),
-                base_pos.repeat(1, n_blocks), window, anchor, tree[None].expand(B, -1, -1).contiguous(),
+                dummy_pos, window, anchor, tree[None].expand(B, -1, -1).contiguous(),
                 self.scale)                                                          # [B, Hq, n_blocks*Tq, D]
             hidden = self.finish(xs, attn_all[:, :, last:])                          # [B, Tq, H]
             outputs.append(hidden)

@@ -128,7 +128,8 @@ def _check_gather_hidden(hidden, index) -> None:
         bad = (index < -1) | (index >= T)
         if bool(bad.any()):
             b, n = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"{op}: index values must be in [-1, T) = [-1, {T}), got index[{b}, {n}] = {int(index[b, n])}")
+            raise ValueError(f"{op}: index values must be in [-1, T) = [-1, {T}), "
+                             f"got index[{b}, {n}] = {int(index[b, n])}")
 
 
 def _check_tree_links(op: str, next_token: Tensor, next_sibling: Tensor) -> None:
@@ -207,7 +208,8 @@ def _check_kv_compact(kv, prefix_len, accept_index, accept_len) -> None:
             raise ValueError(f"{op}: prefix_len values must be >= 0, got prefix_len[{b}] = {start}")
         kept = accept_index[b, :n_keep]
         if n_keep > 0 and int(kept[0]) < 0:
-            raise ValueError(f"{op}: accept_index values must be >= 0 within accept_len, got accept_index[{b}, 0] = {int(kept[0])}")
+            raise ValueError(f"{op}: accept_index values must be >= 0 within accept_len, "
+                             f"got accept_index[{b}, 0] = {int(kept[0])}")
         if n_keep > 1 and bool((kept[1:] <= kept[:-1]).any()):
             i = int((kept[1:] <= kept[:-1]).nonzero()[0, 0]) + 1
             raise ValueError(f"{op}: accept_index must be strictly increasing within accept_len, "
@@ -304,19 +306,22 @@ def _triton_kernel(name: str):
     return kernel
 
 
-def _register_triton_cuda_kernels() -> list[str]:
+def _register_triton_cuda_kernels(lib: torch.library.Library | None = None, force: bool = False) -> list[str]:
     """Where the C++ CUDA build lacks an op, make Triton the op's CUDA kernel, so that
-    torch.ops.sparrow.* works on CUDA tensors with either build."""
-    if not torch.cuda.is_available() or not _backend.triton_importable():
+    torch.ops.sparrow.* works on CUDA tensors with either build. Runs at import when CUDA
+    and triton are available (`force` for tests; `lib` ties the registrations' lifetime)."""
+    if not force and (not torch.cuda.is_available() or not _backend.triton_importable()):
         return []
     registered = []
     for name in OP_NAMES:
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"sparrow::{name}", "CUDA"):
-            torch.library.register_kernel(f"sparrow::{name}", "cuda", _triton_kernel(name))
+        if name not in CPP_CUDA_OPS:
+            torch.library.register_kernel(f"sparrow::{name}", "cuda", _triton_kernel(name), lib=lib)
             registered.append(name)
     return registered
 
 
+CPP_CUDA_OPS = frozenset(n for n in OP_NAMES if torch._C._dispatch_has_kernel_for_dispatch_key(f"sparrow::{n}", "CUDA"))
+_backend.record_cpp_cuda_ops(CPP_CUDA_OPS)
 TRITON_CUDA_OPS = _register_triton_cuda_kernels()
 
 

@@ -85,7 +85,8 @@ def test_unknown_names_are_rejected(monkeypatch):
 
 
 def test_a_backend_for_another_device_is_a_clear_error():
-    with sparrow_kernels.use_backend("cuda"), pytest.raises(RuntimeError, match="'cuda' is unavailable: .*CUDA tensors"):
+    with sparrow_kernels.use_backend("cuda"), \
+            pytest.raises(RuntimeError, match="'cuda' is unavailable: .*CUDA tensors"):
         ops.window_attn(*tiny_attn_inputs())
 
 
@@ -100,3 +101,20 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 def test_available_backends_on_cpu():
     names = backend.available_backends(torch.device("cpu"))
     assert names[:2] == ["reference", "cpu"] and "cuda" not in names
+
+
+def test_triton_fills_in_the_missing_cuda_kernels():
+    """What import does on a GPU machine: every op without a C++ CUDA kernel gets the Triton
+    one as its CUDA kernel, and the 'cuda' backend still reports only the C++ build."""
+    built_before = backend.cuda_kernels_built()
+    lib = torch.library.Library("sparrow", "FRAGMENT")
+    try:
+        registered = ops._register_triton_cuda_kernels(lib=lib, force=True)
+        assert set(registered) == set(ops.OP_NAMES) - ops.CPP_CUDA_OPS
+        for name in ops.OP_NAMES:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparrow::{name}", "CUDA"), name
+        assert backend.cuda_kernels_built() == built_before == ("window_attn" in ops.CPP_CUDA_OPS)
+    finally:
+        lib._destroy()
+    for name in registered:
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"sparrow::{name}", "CUDA"), name

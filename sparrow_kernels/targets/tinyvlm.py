@@ -453,7 +453,9 @@ class TinyVLMTarget:
         visible.scatter_(2, slots[:, None, :].expand(B, N, N), tree_mask)
         group = cfg.num_heads // cfg.num_kv_heads
         # query heads of one GQA group are folded into the query axis: [B, Hkv, G*N, D]
-        mask = visible[:, None, None].expand(B, 1, group, N, key_len).reshape(B, 1, group * N, key_len)
+        # (an additive float mask: SDPA would convert a bool one again in every layer)
+        visible = visible[:, None, None].expand(B, 1, group, N, key_len).reshape(B, 1, group * N, key_len)
+        mask = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, float("-inf"))
 
         x = self.model.embed(tokens)                                              # [B, N, d]
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)

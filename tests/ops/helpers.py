@@ -4,10 +4,13 @@ Holds no assertions about any backend by itself; the tests in this folder use it
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.utils.deterministic
 from hypothesis import strategies as st
 
 from sparrow_kernels import reference
@@ -220,7 +223,28 @@ def assert_close_fp32(name: str, result: torch.Tensor, gold: torch.Tensor, atol=
 # ----------------------------------------------------------------------------- poisoning
 def poison_allocator(device: torch.device, n_bytes: int = 1 << 22) -> None:
     """Fill, then free, a block of memory with NaN so that an output buffer allocated next
-    (the caching allocator on CUDA, usually malloc's free list on CPU) starts as NaN rather
-    than zeros: a kernel that forgets to write part of its output then fails the test."""
+    by the CUDA caching allocator starts as NaN rather than zeros. (On the CPU small buffers
+    come from malloc's bins and rarely reuse this block: use `poisoned_outputs` there.)"""
     junk = torch.full((n_bytes // 4,), float("nan"), dtype=torch.float32, device=device)
     del junk
+
+
+@contextlib.contextmanager
+def poisoned_outputs(device: torch.device):
+    """Every tensor allocated inside (by torch.empty in Python or at::empty in C++/CUDA
+    kernels) starts as NaN (floats) or the largest integer, via PyTorch's deterministic mode
+    (`fill_uninitialized_memory`, warn-only so no op is refused); plus `poison_allocator`.
+    A kernel that leaves part of an output unwritten then fails the comparison."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    poison_allocator(device)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "... does not have a deterministic implementation"
+            yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = was_filling

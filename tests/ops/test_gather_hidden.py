@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparrow_kernels import ops, reference
-from tests.ops.helpers import poison_allocator
+from tests.ops.helpers import poisoned_outputs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -55,8 +55,7 @@ def test_gather_hidden_matches_reference(backend, dtype):
     def check(case):
         hidden, index = make_gather_inputs(case, dtype, backend.device)
         expected = reference.gather_hidden(hidden, index)
-        poison_allocator(backend.device)
-        with backend.use():
+        with poisoned_outputs(backend.device), backend.use():
             out = ops.gather_hidden(hidden, index)
         assert out.shape == expected.shape and out.dtype == dtype and out.device == index.device
         assert torch.equal(out, expected), f"max diff {(out.float() - expected.float()).abs().max()}"
@@ -69,8 +68,7 @@ def test_gather_hidden_padding_is_zero_even_over_nan_rows(backend):
     hidden = [torch.full((2, 4, 8), float("nan"), device=backend.device) for _ in range(2)]
     hidden[1][:, 2] = 5.0
     index = torch.tensor([[-1, 2, -1], [2, -1, -1]], device=backend.device)
-    poison_allocator(backend.device)
-    with backend.use():
+    with poisoned_outputs(backend.device), backend.use():
         out = ops.gather_hidden(hidden, index)
     padding = (index == -1)[:, :, None].expand(-1, -1, 16)
     assert torch.all(out[padding] == 0)

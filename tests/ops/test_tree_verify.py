@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparrow_kernels import ops, reference
-from tests.ops.helpers import poison_allocator, random_parents, tree_links
+from tests.ops.helpers import poisoned_outputs, random_parents, tree_links
 
 
 def tree_tensors(parents_per_row: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +44,8 @@ def test_greedy_hand_built_trees(backend):
     second matches, then its child; row 3 a fully accepted chain (bonus after the leaf);
     row 4 a root whose children all mismatch."""
     chain = {0: [1], 1: [2], 2: [3], 3: [4]}
-    next_token, next_sibling = links_from_children([{}, chain, {0: [1, 2, 3], 2: [4]}, chain, {0: [1, 2], 1: [3, 4]}], 5)
+    trees = [{}, chain, {0: [1, 2, 3], 2: [4]}, chain, {0: [1, 2], 1: [3, 4]}]
+    next_token, next_sibling = links_from_children(trees, 5)
     candidates = torch.tensor([[9, 1, 2, 3, 4],
                                [9, 5, 6, 7, 8],
                                [9, 4, 5, 6, 8],
@@ -56,8 +57,7 @@ def test_greedy_hand_built_trees(backend):
                                    [1, 2, 3, 4, 42],              # every node matches; bonus 42
                                    [7, 0, 0, 0, 0]])              # no child has token 7
     dev = backend.device
-    poison_allocator(dev)
-    with backend.use():
+    with poisoned_outputs(dev), backend.use():
         got = as_lists(ops.tree_verify_greedy(candidates.to(dev), target_predict.to(dev), next_token.to(dev),
                                               next_sibling.to(dev)))
     assert got == ([[0, -1, -1, -1, -1], [0, 1, 2, -1, -1], [0, 2, 4, -1, -1], [0, 1, 2, 3, 4], [0, -1, -1, -1, -1]],
@@ -90,8 +90,7 @@ def test_greedy_matches_reference(backend):
     def check(case):
         inputs = make_greedy_inputs(case, backend.device)
         expected = as_lists(reference.tree_verify_greedy(*(t.cpu() for t in inputs)))
-        poison_allocator(backend.device)
-        with backend.use():
+        with poisoned_outputs(backend.device), backend.use():
             outputs = ops.tree_verify_greedy(*inputs)
         assert all(t.dtype == torch.int64 and t.device == inputs[0].device for t in outputs)
         assert as_lists(outputs) == expected
@@ -135,8 +134,7 @@ def test_sample_hand_built_trees(backend):
                 [2, 2, 3, 1, 2, 1])
     assert as_lists(reference.tree_verify_sample(*inputs)) == expected
     dev = backend.device
-    poison_allocator(dev)
-    with backend.use():
+    with poisoned_outputs(dev), backend.use():
         assert as_lists(ops.tree_verify_sample(*(t.to(dev) for t in inputs))) == expected
 
 
@@ -188,8 +186,7 @@ def test_sample_matches_reference(backend):
     def check(case):
         inputs = make_sample_inputs(case, backend.device)
         expected = as_lists(reference.tree_verify_sample(*(t.cpu() for t in inputs)))
-        poison_allocator(backend.device)
-        with backend.use():
+        with poisoned_outputs(backend.device), backend.use():
             outputs = ops.tree_verify_sample(*inputs)
         assert all(t.dtype == torch.int64 and t.device == inputs[0].device for t in outputs)
         assert as_lists(outputs) == expected

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from sparrow_kernels import ops, reference
 from tests.ops.helpers import (LOW_PRECISION, WindowCase, assert_close_fp32, assert_within_low_precision_error,
-                               branch, depths, make_window_inputs, poison_allocator, slots_of_larger_cache,
+                               branch, depths, make_window_inputs, poisoned_outputs, slots_of_larger_cache,
                                window_attn_low_precision, window_cases)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -57,7 +57,8 @@ def test_reference_visibility_follows_the_rule(case: WindowCase):
 def test_reference_matches_sdpa_with_an_explicit_mask(case: WindowCase):
     x = make_window_inputs(case, torch.float64, "cpu")
     out, lse = reference.window_attn(*x.args())
-    visible = visibility_by_rule(x.kv_len, x.q_pos, case.Tk, x.window, x.n_anchor, x.tree_mask)[:, None]  # [B, 1, Tq, Tk]
+    visible = visibility_by_rule(x.kv_len, x.q_pos, case.Tk, x.window, x.n_anchor, x.tree_mask)  # [B, Tq, Tk]
+    visible = visible[:, None]                                                                     # [B, 1, Tq, Tk]
     keys = torch.nan_to_num(x.k).repeat_interleave(case.group, 1)                   # [B, Hq, Tk, D]
     values = torch.nan_to_num(x.v).repeat_interleave(case.group, 1)
     scale = x.scale if x.scale > 0 else 1 / math.sqrt(case.D)
@@ -102,8 +103,7 @@ def test_window_attn_matches_reference(backend, dtype):
     def check(case: WindowCase):
         x = make_window_inputs(case, dtype, backend.device)
         gold_out, gold_lse = reference.window_attn(*x.to(dtype=torch.float64).args())
-        poison_allocator(backend.device)
-        with backend.use():
+        with poisoned_outputs(backend.device), backend.use():
             out, lse = ops.window_attn(*x.args())
         assert out.shape == x.q.shape and out.dtype == dtype and out.device == x.q.device
         assert lse.shape == x.q.shape[:3] and lse.dtype == torch.float32
@@ -135,10 +135,9 @@ def test_window_attn_gradients_match_reference(backend):
         gold_grads = torch.autograd.grad(gold_out, (gq, gk, gv), grad_out)
         grad_out = grad_out.to(device=backend.device, dtype=torch.float32)
 
-        with backend.use():
+        with poisoned_outputs(backend.device), backend.use():
             out, lse = ops.window_attn(q, k, v, *rest)
             grads = torch.autograd.grad(out, (q, k, v), grad_out)
-            poison_allocator(backend.device)
             direct = ops.window_attn_backward(grad_out, q.detach(), k.detach(), v.detach(), out.detach(),
                                               lse.detach(), *rest)
         for name, g, d, e in zip(("dq", "dk", "dv"), grads, direct, gold_grads):
@@ -238,8 +237,7 @@ def test_queries_without_visible_keys_give_zero_and_minus_inf(backend, dtype):
     # row 0: positions -1 (nothing visible), 0 (key 0 only), 5 (window 2: keys 4, 5);
     # row 1: position -3 (nothing), 2 and 3 (window 2, anchor 1: keys 0 + {1, 2} / {2, 3}).
     q_pos = torch.tensor([[-1, 0, 5], [-3, 2, 3]], device=dev)
-    poison_allocator(dev)
-    with backend.use():
+    with poisoned_outputs(dev), backend.use():
         out, lse = ops.window_attn(q, k, v, kv_len, q_pos, 2, 1, None, 0.0)
     assert torch.all(out[:, :, 0] == 0), "a query with no visible key must output exact zeros"
     assert torch.all(lse[:, :, 0] == float("-inf"))
@@ -262,3 +260,12 @@ def test_low_precision_tolerance_rule_rejects_a_wrong_kernel(dtype):
     wrong, _ = reference.window_attn(x.q, x.k, x.v, x.kv_len, x.q_pos, 7, 0, None, 0.0)  # misses key 0
     with pytest.raises(AssertionError, match="exceeds"):
         assert_within_low_precision_error("out", wrong, gold, low_ref, dtype)
+
+
+def test_poisoned_outputs_reach_fresh_allocations_and_restore_the_mode():
+    """The poisoning the tests rely on is real: fresh tensors start as NaN / max int."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    with poisoned_outputs(torch.device("cpu")):
+        assert torch.isnan(torch.empty(7)).all()
+        assert torch.all(torch.empty(3, dtype=torch.int64) == torch.iinfo(torch.int64).max)
+    assert torch.are_deterministic_algorithms_enabled() == was_on
