@@ -6,7 +6,8 @@ CPU-only build). Needs torch at build time: `pip install -e . --no-build-isolati
 Metadata lives in pyproject.toml; this file only adds what must be computed at build time.
 
 Environment: SPARROW_CUDA=0/1, TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"), MAX_JOBS,
-SPARROW_WERROR=1 (warnings are errors, host code of .cpp and .cu; CI sets it).
+SPARROW_WERROR=1 (warnings are errors, host code of .cpp and .cu; CI sets it),
+SPARROW_DEBUG=1 (keep debug info in the .cpp objects).
 """
 from __future__ import annotations
 
@@ -95,6 +96,8 @@ def _extension(with_cuda: bool):
     # no -std flag: BuildExtension adds the standard the installed torch's headers need
     # (C++17 up to torch 2.9, C++20 from torch 2.10 on)
     cxx_flags = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    if not _env_flag("SPARROW_DEBUG"):
+        cxx_flags.append("-g0")  # Python's default -g triples compile time and .so size
     if werror:
         cxx_flags.append("-Werror")
     sources = sorted(glob.glob("csrc/*.cpp"))

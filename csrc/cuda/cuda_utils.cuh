@@ -36,23 +36,20 @@ inline int sm_count() {
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
-// Rejects a grid/block/shared-memory configuration the device cannot launch, naming the op
-// and the problem size that led to it, before the launch fails with a generic CUDA error.
-inline void check_launch_config(const char* op, dim3 grid, dim3 block, size_t smem_bytes) {
+// The grid for a launch of `threads`-thread blocks using `smem_bytes` of dynamic shared memory,
+// after checking that the device can launch it (sizes in int64, so nothing wraps on the way);
+// the error names the op and the limit instead of a later generic CUDA launch failure.
+inline dim3 checked_grid(const char* op, int64_t x, int64_t y, int64_t z, int threads, size_t smem_bytes) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(block.x * block.y * block.z >= 1 &&
-                  block.x * block.y * block.z <= static_cast<unsigned>(prop->maxThreadsPerBlock),
-              op, ": CUDA block of ", block.x * block.y * block.z, " threads is outside [1, ",
-              prop->maxThreadsPerBlock, "]");
-  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 &&
-                  grid.x <= static_cast<unsigned>(prop->maxGridSize[0]) &&
-                  grid.y <= static_cast<unsigned>(prop->maxGridSize[1]) &&
-                  grid.z <= static_cast<unsigned>(prop->maxGridSize[2]),
-              op, ": CUDA grid (", grid.x, ", ", grid.y, ", ", grid.z, ") exceeds the device limit (",
-              prop->maxGridSize[0], ", ", prop->maxGridSize[1], ", ", prop->maxGridSize[2],
-              "); the input is too large for this kernel");
+  TORCH_CHECK(threads >= 1 && threads <= prop->maxThreadsPerBlock, op, ": CUDA block of ", threads,
+              " threads is outside [1, ", prop->maxThreadsPerBlock, "]");
+  TORCH_CHECK(x >= 1 && y >= 1 && z >= 1 && x <= prop->maxGridSize[0] && y <= prop->maxGridSize[1] &&
+                  z <= prop->maxGridSize[2],
+              op, ": CUDA grid (", x, ", ", y, ", ", z, ") exceeds the device limit (", prop->maxGridSize[0], ", ",
+              prop->maxGridSize[1], ", ", prop->maxGridSize[2], "); the input is too large for this kernel");
   TORCH_CHECK(smem_bytes <= prop->sharedMemPerBlockOptin, op, ": needs ", smem_bytes,
               " bytes of shared memory per block, the device allows ", prop->sharedMemPerBlockOptin);
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z));
 }
 
 // Lets `kernel` use more than 48 KiB of dynamic shared memory on the current device (once per

@@ -84,8 +84,7 @@ at::Tensor gather_hidden_cuda(at::TensorList hidden, const at::Tensor& index) {
   };
   while (word > 1 && !fits(word)) word /= 2;
 
-  const dim3 grid(static_cast<unsigned>(std::min(p.rows, kMaxBlocks)));
-  cuda::check_launch_config("gather_hidden", grid, dim3(kThreads), 0);
+  const dim3 grid = cuda::checked_grid("gather_hidden", std::min(p.rows, kMaxBlocks), 1, 1, kThreads, 0);
   const cudaStream_t stream = cuda::current_stream();
   for (int64_t first_layer = 0; first_layer < n_layers; first_layer += kMaxLayersPerLaunch) {
     p.n_layers = static_cast<int>(std::min<int64_t>(kMaxLayersPerLaunch, n_layers - first_layer));

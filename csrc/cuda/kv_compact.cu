@@ -97,8 +97,7 @@ void kv_compact_cuda(const at::Tensor& kv, const at::Tensor& prefix_len, const a
   while (word > 1 && (slot_bytes % word != 0 || !cuda::is_aligned(p.kv, word))) word /= 2;
   p.slot_words = slot_bytes / word;
 
-  const dim3 grid(static_cast<unsigned>(std::min(p.slabs, kMaxBlocks)));
-  cuda::check_launch_config("kv_compact", grid, dim3(kThreads), 0);
+  const dim3 grid = cuda::checked_grid("kv_compact", std::min(p.slabs, kMaxBlocks), 1, 1, kThreads, 0);
   const cudaStream_t stream = cuda::current_stream();
   if (word == 16) {
     launch_compact<16>(p, grid, stream);

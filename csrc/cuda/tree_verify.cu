@@ -266,8 +266,7 @@ VerifyResult tree_verify_greedy_cuda(const at::Tensor& candidates, const at::Ten
   if (B == 0) return {accept_index, accept_len, bonus_token};
   const at::Tensor tokens = candidates.contiguous(), predict = target_predict.contiguous(),
                    first_child = next_token.contiguous(), sibling = next_sibling.contiguous();
-  const dim3 grid(static_cast<unsigned>(B));
-  cuda::check_launch_config("tree_verify_greedy", grid, dim3(kGreedyThreads), 0);
+  const dim3 grid = cuda::checked_grid("tree_verify_greedy", B, 1, 1, kGreedyThreads, 0);
   tree_verify_greedy_kernel<<<grid, kGreedyThreads, 0, cuda::current_stream()>>>(
       tokens.data_ptr<int64_t>(), predict.data_ptr<int64_t>(), first_child.data_ptr<int64_t>(),
       sibling.data_ptr<int64_t>(), accept_index.data_ptr<int64_t>(), accept_len.data_ptr<int64_t>(),
@@ -312,8 +311,7 @@ VerifyResult tree_verify_sample_cuda(const at::Tensor& candidates, const at::Ten
   for (const at::Tensor& t : {target_probs, draft_probs}) {
     vectorized = vectorized && cuda::is_aligned(t.data_ptr(), 16) && t.stride(0) % 4 == 0 && t.stride(1) % 4 == 0;
   }
-  const dim3 grid(static_cast<unsigned>(B));
-  cuda::check_launch_config("tree_verify_sample", grid, dim3(kSampleThreads), 0);
+  const dim3 grid = cuda::checked_grid("tree_verify_sample", B, 1, 1, kSampleThreads, 0);
   if (vectorized) {
     tree_verify_sample_kernel<4><<<grid, kSampleThreads, 0, cuda::current_stream()>>>(p);
   } else {

@@ -96,7 +96,7 @@ __device__ __forceinline__ void unpack(const cuda::Pack<scalar_t, VEC>& pack, ac
   for (int e = 0; e < VEC; ++e) values[e] = static_cast<acc_t>(pack.v[e]);
 }
 
-// Grid: (num_splits, row tiles, B * Hkv). A row tile is MAX_M consecutive rows r = i * group + g
+// Grid: (B * Hkv, row tiles, num_splits). A row tile is MAX_M consecutive rows r = i * group + g
 // (query i, head g of the KV head's group) of one batch row and KV head.
 template <typename scalar_t, typename acc_t, int VEC, int MAX_M>
 __global__ void __launch_bounds__(kThreads) window_attn_split_kernel(const AttnParams<acc_t> p) {
@@ -115,8 +115,8 @@ __global__ void __launch_bounds__(kThreads) window_attn_split_kernel(const AttnP
   __shared__ KeySegments shared_seg;
 
   const int tid = threadIdx.x, lane = tid % cuda::kWarpSize, warp = tid / cuda::kWarpSize;
-  const int split = blockIdx.x;
-  const int b = blockIdx.z / p.Hkv, kv_head = blockIdx.z % p.Hkv;
+  const int split = blockIdx.z;
+  const int b = blockIdx.x / p.Hkv, kv_head = blockIdx.x % p.Hkv;
   const int rows = p.Tq * p.group;
   const int row0 = blockIdx.y * MAX_M;
   const int n_rows = min(MAX_M, rows - row0);
@@ -457,16 +457,14 @@ void launch_window_attn(const AttnInputs& in) {
   p.q_tile_offset = static_cast<int>(2 * tile_bytes);
   p.scores_offset = static_cast<int>(2 * tile_bytes + q_tile_bytes);
 
-  const dim3 grid(static_cast<unsigned>(num_splits), static_cast<unsigned>(row_tiles), static_cast<unsigned>(B * Hkv));
+  const dim3 grid = cuda::checked_grid("window_attn", B * Hkv, row_tiles, num_splits, kThreads, smem_bytes);
   const auto kernel = window_attn_split_kernel<scalar_t, acc_t, VEC, MAX_M>;
-  cuda::check_launch_config("window_attn", grid, dim3(kThreads), smem_bytes);
   cuda::allow_dynamic_smem(kernel, smem_bytes);
   const cudaStream_t stream = cuda::current_stream();
   kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
   SPARROW_CHECK_LAUNCH();
   if (num_splits > 1) {
-    const dim3 merge_grid(static_cast<unsigned>(cuda::ceil_div(all_rows, kWarps)));
-    cuda::check_launch_config("window_attn", merge_grid, dim3(kThreads), 0);
+    const dim3 merge_grid = cuda::checked_grid("window_attn", cuda::ceil_div(all_rows, kWarps), 1, 1, kThreads, 0);
     merge_splits_kernel<scalar_t, acc_t><<<merge_grid, kThreads, 0, stream>>>(
         p.split_out, p.split_lse, static_cast<scalar_t*>(p.out), p.lse, all_rows, p.D, num_splits);
     SPARROW_CHECK_LAUNCH();

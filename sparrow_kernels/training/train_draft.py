@@ -222,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unroll the draft --mtp-steps steps in training (off: 1 step)")
     p.add_argument("--mtp-steps", type=int, default=4)
     p.add_argument("--loss-decay", type=float, default=0.8, help="weight of unrolled step k is decay**(k-1)")
-    p.add_argument("--feature-weight", type=float, default=0.1, help="smooth-L1 feature regression weight")
+    p.add_argument("--feature-weight", type=float, default=0.0,
+                   help="smooth-L1 feature regression weight (0: cross-entropy only, as EAGLE-3)")
+    p.add_argument("--ivsb-keep", type=float, default=1.0,
+                   help="IVSB: fraction of training steps that carry the visual prefix (the rest are text "
+                        "only, as at inference under VATA)")
     p.add_argument("--ivsb-layer", type=int, default=None, help="m*: target layer of the visual states (default L/2)")
     p.add_argument("--feature-layers", default="last", help="'last', 'eagle3' or a comma list of target layers")
     p.add_argument("--window", type=int, default=48, help="VATA window (keys incl. the query); 0 unlimited")
@@ -417,7 +421,8 @@ def train(args: argparse.Namespace) -> dict:
         log_path.unlink()
     draft.training_info = {
         "preset": args.preset, "vata": vata, "ivsb": ivsb, "mtp": mtp, "mtp_steps": steps_unrolled,
-        "ivsb_layer": ivsb_layer if ivsb else None, "target": fingerprint, "seed": args.seed,
+        "ivsb_layer": ivsb_layer if ivsb else None, "ivsb_keep": args.ivsb_keep if ivsb else None,
+        "target": fingerprint, "seed": args.seed,
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "frames": [args.frames_min, args.frames_max], "train_videos": len(train_groups) * args.batch_size,
     }
@@ -445,7 +450,12 @@ def train(args: argparse.Namespace) -> dict:
         draft.train()
         gi = schedule[step]
         seqs = store.get(gi, train_groups[gi])
-        batch = make_draft_batch(seqs, config, **layout)
+        step_layout = layout
+        if ivsb and vata and args.ivsb_keep < 1.0:
+            coin = torch.rand((), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+            if float(coin) >= args.ivsb_keep:
+                step_layout = infer_layout                           # this step: text only
+        batch = make_draft_batch(seqs, config, **step_layout)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         loss, stats = unrolled_loss(draft, batch, seqs, steps_unrolled, args.loss_decay, args.feature_weight,

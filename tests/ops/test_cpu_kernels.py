@@ -96,6 +96,19 @@ def test_gradcheck_of_the_cpp_backward(tree):
     assert torch.autograd.gradcheck(attend, (q, k, v))
 
 
+def test_extreme_positions_and_windows_do_not_overflow():
+    """The visible ranges are computed without int64 overflow for any q_pos / window."""
+    big = 2**62
+    q, k, v, kv_len, _, _ = window_inputs(1, 1, 1, 4, 12, 8, torch.float32, seed=1)
+    q_pos = torch.tensor([[big, -big, 5, 2**63 - 1]])
+    for window, n_anchor in ((5, 2), (big, 0), (-big, 3), (1, big)):
+        args = (kv_len, q_pos, window, n_anchor, None, 0.0)
+        out, lse = ops.window_attn(q, k, v, *args)
+        gold_out, gold_lse = reference.window_attn(q.double(), k.double(), v.double(), *args)
+        torch.testing.assert_close(out.double(), gold_out, atol=2e-6, rtol=2e-6)
+        torch.testing.assert_close(lse.double(), gold_lse, atol=2e-6, rtol=2e-6)
+
+
 # ----------------------------------------------------------------------------- layouts, threads
 def test_strided_inputs_with_a_contiguous_last_dim():
     """q, k, v as views of [B, T, H, D] buffers (the layout of a projection output)."""
