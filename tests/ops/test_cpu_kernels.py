@@ -41,13 +41,13 @@ def window_inputs(B, Hkv, group, Tq, Tk, D, dtype, seed, tree=False):
 
 
 # ----------------------------------------------------------------------------- window skipping
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(window=st.integers(1, 24), n_anchor=st.integers(0, 6), tree=st.booleans(), seed=st.integers(0, 2**16))
 def test_invisible_keys_are_never_read(window, n_anchor, tree, seed):
     """Keys outside the anchors, the window and the tree hold NaN: a kernel that visits them
     (even to multiply by a zero weight) returns NaN; ours must match the reference run on the
     clean cache. Tk is long so that almost every key is invisible."""
-    B, Hkv, group, Tq, Tk, D = 2, 2, 2, 4, 1500, 32
+    B, Hkv, group, Tq, Tk, D = 2, 2, 2, 4, 700, 32
     q, k, v, kv_len, q_pos, tree_mask = window_inputs(B, Hkv, group, Tq, Tk, D, torch.float32, seed, tree)
     visible = reference.window_visibility(kv_len, q_pos, Tk, window, n_anchor, tree_mask)   # [B, Tq, Tk]
     read = visible.any(dim=1)                                                              # [B, Tk]
