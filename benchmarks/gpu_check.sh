@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The one prepared check for a lent GPU machine: build the extension in place (CUDA kernels
+# for the local card), run the GPU test suites (C++ CUDA kernels, the shared op tests on the
+# cuda and triton backends, the Triton kernels without the interpreter), compute-sanitizer
+# memcheck over a reduced kernel-test selection once, then the kernel benchmark. Every step
+# logs to $OUT/<step>.log; $OUT/summary.txt lists each step's status and time. It continues
+# past failures and exits non-zero at the end if any step failed. It changes nothing outside
+# the repository and $OUT, needs no network, and stops every step by a shared deadline
+# (GPU_CHECK_BUDGET_S, default 420 s) so the whole run stays well inside 8 minutes.
+#
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh        # from the repository root
+#
+# Knobs: TORCH_CUDA_ARCH_LIST (default: the local card's arch, e.g. 9.0), MAX_JOBS (16),
+# PYTHON (python), GPU_CHECK_BUDGET_S (420), GPU_CHECK_SKIP="memcheck bench_window ..."
+# (step names as in summary.txt).
+set -x
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+PYTHON=${PYTHON:-python}
+START=$(date +%s)
+DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-420}))
+FAILED=0
+: >"$OUT/summary.txt"
+
+export MAX_JOBS=${MAX_JOBS:-16}
+export SPARROW_CUDA=1
+export HYPOTHESIS_PROFILE=ci             # derandomized examples: a rerun checks the same cases
+export PYTHONUNBUFFERED=1
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$($PYTHON -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo "9.0")
+  export TORCH_CUDA_ARCH_LIST
+fi
+if [ -z "${CUDA_HOME:-}" ] && ! command -v nvcc >/dev/null 2>&1; then
+  for dir in /usr/local/cuda /usr/local/cuda-*; do
+    if [ -x "$dir/bin/nvcc" ]; then export CUDA_HOME=$dir PATH=$dir/bin:$PATH; break; fi
+  done
+fi
+
+# step NAME CAP_SECONDS COMMAND...: runs COMMAND with output to $OUT/NAME.log, limited to
+# CAP_SECONDS and to the time left before the deadline; records PASS/FAIL/TIMEOUT/SKIP.
+step() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$((DEADLINE - $(date +%s)))
+  local limit=$((cap < left ? cap : left))
+  case " ${GPU_CHECK_SKIP:-} " in *" $name "*)
+    echo "SKIP     $name (GPU_CHECK_SKIP)" >>"$OUT/summary.txt"; return 0 ;;
+  esac
+  if [ "$limit" -lt 10 ]; then
+    echo "SKIP     $name (no time left before the deadline)" >>"$OUT/summary.txt"
+    FAILED=1
+    return 1
+  fi
+  local t0=$(date +%s)
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  local took=$(($(date +%s) - t0))
+  local status=PASS
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status="TIMEOUT"; elif [ $rc -ne 0 ]; then status="FAIL"; fi
+  printf '%-8s %-18s %4ss  rc=%s  (limit %ss)  %.150s\n' "$status" "$name" "$took" "$rc" "$limit" "$*" >>"$OUT/summary.txt"
+  tail -n 5 "$OUT/$name.log"
+  [ "$status" = PASS ] || FAILED=1
+  return $rc
+}
+
+# --- the machine
+step env 60 bash -c "nvidia-smi; $PYTHON -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())'; $PYTHON -c 'import triton; print(\"triton\", triton.__version__)'; $PYTHON -c 'import transformers; print(\"transformers\", transformers.__version__)'; nvcc --version; command -v compute-sanitizer; echo TORCH_CUDA_ARCH_LIST=\$TORCH_CUDA_ARCH_LIST MAX_JOBS=\$MAX_JOBS"
+
+# --- build sparrow_kernels._C in place (CPU + CUDA kernels), then prove the CUDA kernels load
+step build 300 $PYTHON setup.py build_ext --inplace
+step kernels_load 60 $PYTHON -c "
+import torch, sparrow_kernels
+from sparrow_kernels import backend
+ops = ['window_attn', 'gather_hidden', 'tree_verify_greedy', 'tree_verify_sample', 'kv_compact']
+assert backend.cuda_kernels_built(), 'the C++ CUDA kernels are not registered'
+print({op: torch._C._dispatch_has_kernel_for_dispatch_key('sparrow::' + op, 'CUDA') for op in ops})
+"
+
+# --- GPU tests: the CUDA kernels' own tests first, then the shared op tests and the Triton tests
+PYTEST="$PYTHON -m pytest -m cuda -x -q -p no:cacheprovider -rfEs --durations=15"
+step test_cuda 120 $PYTEST tests/cuda --junitxml="$OUT/test_cuda.xml"
+step test_ops 150 $PYTEST tests/ops --junitxml="$OUT/test_ops.xml"
+step test_triton 120 $PYTEST tests/triton --junitxml="$OUT/test_triton.xml"
+
+# --- compute-sanitizer memcheck over the kernel tests with small shapes (no caching allocator,
+# so every tensor is its own allocation and an out-of-bounds access is caught at its edge)
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+if [ -n "$SANITIZER" ]; then
+  step memcheck 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 99 \
+    --print-limit 20 $PYTEST tests/cuda -k \
+    "every_instantiation or forced_split or strided or never_used or clamped or gather_hidden_strided or greedy_matches_reference or all_zero or backward_links or kv_compact"
+else
+  echo "SKIP     memcheck (compute-sanitizer not found)" >>"$OUT/summary.txt"
+fi
+
+# --- kernel benchmark (benchmarks/run.py, all available backends); cheap ops first, then the
+# window-attention sweep, falling back to its quick subset when the full sweep does not fit
+if [ -f benchmarks/run.py ]; then
+  step bench_small 90 $PYTHON benchmarks/run.py --op gather_hidden,tree_verify_greedy,tree_verify_sample,kv_compact \
+    --json "$OUT/bench_small.json"
+  if ! step bench_window 240 $PYTHON benchmarks/run.py --op window_attn --json "$OUT/bench.json"; then
+    step bench_window_quick 90 $PYTHON benchmarks/run.py --op window_attn --quick --json "$OUT/bench_quick.json"
+  fi
+else
+  echo "SKIP     bench (benchmarks/run.py not found)" >>"$OUT/summary.txt"
+fi
+
+echo "total $(($(date +%s) - START))s, failed=$FAILED" >>"$OUT/summary.txt"
+cat "$OUT/summary.txt"
+exit $FAILED
