@@ -67,15 +67,21 @@ def load_drafts(args, target):
     return {name: SparrowDraft.load(path, target).to(target.device) for name, path in specs.items()}
 
 
+def capacity_for(target, prompt, max_new):
+    """KV slots per row: visual tokens + prompt text (generous) + answer + the largest tree."""
+    return target.visual_tokens_for(prompt.frames.shape[0]) + 256 + max_new + 128
+
+
 def run_setting(target, drafts, tree, prompt, max_new, temperature, seed):
     """One video: AR and every draft; returns per-method stats dicts and the equality check."""
     from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
 
-    ar = autoregressive_generate(target, [prompt], max_new, temperature=temperature, seed=seed)
+    cap = capacity_for(target, prompt, max_new)
+    ar = autoregressive_generate(target, [prompt], max_new, temperature=temperature, seed=seed, capacity=cap)
     rows = {"autoregressive": {**ar.stats.as_dict(), "tokens": len(ar.tokens[0]), "same_as_ar": True}}
     for name, draft in drafts.items():
         gen = SparrowGenerator(target, draft, **tree)
-        res = gen.generate([prompt], max_new, temperature=temperature, seed=seed)
+        res = gen.generate([prompt], max_new, temperature=temperature, seed=seed, capacity=cap)
         rows[name] = {**res.stats.as_dict(), "tokens": len(res.tokens[0]),
                       "same_as_ar": res.tokens[0] == ar.tokens[0]}
     return rows

@@ -11,7 +11,6 @@ import argparse
 import os
 import runpy
 import sys
-import time
 from pathlib import Path
 
 # Tree settings that suit a 2-core CPU and the built-in tiny video LM (measured in
@@ -119,13 +118,15 @@ def cmd_demo(args) -> int:
     print(f"Sparrow demo: built-in tiny video LM ({target.num_layers} layers, d={target.hidden_size}), "
           f"synthetic video of {frames} frames = {target.visual_tokens_for(frames)} visual tokens, "
           f"device {device}, tree {tree}")
-    print(f"ground truth: {world.caption()}")
+    print(f"ground truth: {world.caption}")
 
+    capacity = target.visual_tokens_for(frames) + 256 + max_new + 128
     ar = autoregressive_generate(target, [prompt], max_new, temperature=args.temperature, seed=args.seed,
-                                 tokenizer=target.tokenizer)
+                                 tokenizer=target.tokenizer, capacity=capacity)
     gen = SparrowGenerator(target, draft, tokenizer=target.tokenizer, **tree)
     print("sparrow     : ", end="", flush=True)
-    last, ids = _stream_text(gen.stream([prompt], max_new, temperature=args.temperature, seed=args.seed),
+    last, ids = _stream_text(gen.stream([prompt], max_new, temperature=args.temperature, seed=args.seed,
+                                        capacity=capacity),
                              _decoder(target))
     st = last.stats
     print(_speed_line("autoregressive", ar.stats, len(ar.tokens[0])))

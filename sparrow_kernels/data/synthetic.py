@@ -270,28 +270,47 @@ def parse_caption(text: str) -> tuple[int | None, list[dict]]:
     return count, objects
 
 
-def _object_fact_hits(obj: ObjectFacts, pred: dict) -> int:
+def _object_fact_hits(obj: ObjectFacts, pred: dict) -> tuple[int, int]:
+    """(true facts of `obj` stated by `pred`, events `pred` claims that did not happen)."""
     hits = (pred["color"] == obj.color) + (pred["shape"] == obj.shape) + (pred["direction"] == obj.direction)
     hits += obj.appears and pred["appears"]
     hits += obj.bounces and pred["bounces"]
     hits += obj.new_color is not None and pred["turns"] == obj.new_color
-    return int(hits)
+    false = (pred["appears"] and not obj.appears) + (pred["bounces"] and not obj.bounces)
+    false += obj.new_color is None and pred["turns"] is not None
+    return int(hits), int(false)
+
+
+def _claims(pred: dict) -> int:
+    """Statements in a predicted object sentence (identity and motion, plus its events)."""
+    return 3 + pred["appears"] + pred["bounces"] + (pred["turns"] is not None)
 
 
 def score_caption(text: str, facts: VideoFacts) -> tuple[int, int]:
-    """(facts stated correctly, total facts). Predicted object sentences are matched to
-    ground-truth objects by the assignment that maximizes correct facts, so order does
-    not matter; a spurious extra sentence costs nothing, a missing one loses its facts."""
+    """(facts stated correctly, facts total). The total is the ground-truth facts plus every
+    false statement of the caption (an event that did not happen, the statements of an
+    object that does not exist), so a caption cannot score by claiming everything.
+    Predicted object sentences are matched to ground-truth objects by the assignment with
+    the best (correct - false) balance, so order does not matter. Never raises."""
     count, predicted = parse_caption(text)
+    predicted = predicted[:8]
     total = len(facts.fact_list())
     correct = int(count == facts.count)
     gt = list(facts.objects)
-    best = 0
     slots = predicted + [None] * max(0, len(gt) - len(predicted))
+    best = None
     for perm in itertools.permutations(range(len(slots)), len(gt)):
-        s = sum(_object_fact_hits(obj, slots[j]) for obj, j in zip(gt, perm) if slots[j] is not None)
-        best = max(best, s)
-    return correct + best, total
+        hits = false = 0
+        for obj, j in zip(gt, perm):
+            if slots[j] is not None:
+                h, f = _object_fact_hits(obj, slots[j])
+                hits, false = hits + h, false + f
+        used = set(perm)
+        false += sum(_claims(p) for j, p in enumerate(predicted) if j not in used)
+        if best is None or hits - false > best[0] - best[1]:
+            best = (hits, false)
+    hits, false = best
+    return correct + hits, total + false
 
 
 def qa_pairs_from_facts(facts: VideoFacts) -> list[tuple[str, str]]:

@@ -111,6 +111,14 @@ def test_wrong_caption_loses_exactly_the_wrong_facts(seed):
     # object order does not matter
     assert score_caption(" . ".join([head] + sentences[::-1]) + " .", facts) == (total - 1, total)
     assert score_caption("a a a . moves turns", facts) == (0, total)
+    # false statements count against the caption: a made-up event, a made-up object
+    if not first.bounces:
+        claimed = " . ".join([head] + [sentences[0] + " , bounces"] + sentences[1:]) + " ."
+        claimed = claimed.replace(f"moves {other_direction}", f"moves {first.direction}", 1)
+        assert score_caption(claimed, facts) == (total, total + 1)
+    extra = caption + " a white circle moves up , bounces ."
+    if all((o.color, o.shape) != ("white", "circle") for o in facts.objects):
+        assert score_caption(extra, facts) == (total, total + 4)
     assert score_caption("", facts) == (0, total)
 
 
