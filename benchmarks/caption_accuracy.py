@@ -1,8 +1,8 @@
-"""Caption accuracy of the tiny video LM: the fraction of ground-truth facts its greedy
-detailed caption states correctly, on held-out synthetic videos rendered at 0.5k, 1.5k,
-6k, 12k and 25k visual tokens (the same videos, sampled more densely). Also reports the
-prefill time and the decode time per token. Prints a table and writes JSON; it measures
-only, it never trains or changes a checkpoint.
+"""Caption accuracy of the tiny video LM: the fraction of facts its greedy detailed caption
+states correctly (false statements count as wrong facts, see data.synthetic.score_caption)
+on held-out synthetic videos rendered at 0.5k, 1.5k, 6k, 12k and 25k visual tokens (the
+same videos, sampled more densely), with a per-kind breakdown, prefill time and decode
+time per step. Prints a table and writes JSON; it never trains or changes a checkpoint.
 
     python benchmarks/caption_accuracy.py [--checkpoint DIR] [--videos 16] [--json out.json]
 """
@@ -87,7 +87,7 @@ def timed_greedy(target: TinyVLMTarget, prompts, max_new_tokens: int):
 def measure(target: TinyVLMTarget, visual_tokens: int, seeds: list[int], batch_size: int,
             max_new_tokens: int) -> dict:
     frames = target.frames_for(visual_tokens)
-    correct = total = 0
+    correct = total = gt_total = 0
     kinds: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     prefill_s, decode_s, decode_tokens = 0.0, 0.0, 0
     examples = []
@@ -103,6 +103,7 @@ def measure(target: TinyVLMTarget, visual_tokens: int, seeds: list[int], batch_s
             world = VideoWorld(s)
             c, t = score_caption(text, world.facts)
             correct, total = correct + c, total + t
+            gt_total += len(world.facts.fact_list())
             for kind, (kc, kt) in per_kind_hits(text, world).items():
                 kinds[kind][0] += kc
                 kinds[kind][1] += kt
@@ -111,6 +112,7 @@ def measure(target: TinyVLMTarget, visual_tokens: int, seeds: list[int], batch_s
     n_batches = (len(seeds) + batch_size - 1) // batch_size
     return {"visual_tokens": target.visual_tokens_for(frames), "frames": frames, "videos": len(seeds),
             "facts_correct": correct, "facts_total": total, "accuracy": correct / max(total, 1),
+            "recall": correct / max(gt_total, 1), "false_statements": total - gt_total,
             "by_kind": {k: v[0] / v[1] for k, v in sorted(kinds.items())},
             "prefill_s_per_batch": prefill_s / n_batches, "batch_size": batch_size,
             "decode_ms_per_step": 1000 * decode_s / max(decode_tokens, 1), "examples": examples}
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
     seeds = [heldout_seed(args.first_video + i) for i in range(args.videos)]
     rows = []
     print(f"{'visual tokens':>13} {'frames':>6} {'facts':>9} {'accuracy':>8} {'count':>6} {'color':>6} "
-          f"{'shape':>6} {'dir':>6} {'appear':>6} {'bounce':>6} {'turns':>6} {'prefill s':>9} {'decode ms':>9}")
+          f"{'shape':>6} {'dir':>6} {'appear':>6} {'bounce':>6} {'turns':>6} {'false':>5} {'prefill s':>9} {'decode ms':>9}")
     for vt in args.visual_tokens:
         r = measure(target, vt, seeds, args.batch_size, args.max_new_tokens)
         rows.append(r)
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
         print(f"{r['visual_tokens']:>13} {r['frames']:>6} {r['facts_correct']:>4}/{r['facts_total']:<4} "
               f"{r['accuracy']:>8.1%} " + " ".join(f"{k.get(n, float('nan')):>6.0%}" for n in
                                                    ("count", "color", "shape", "direction", "appears", "bounces", "turns"))
-              + f" {r['prefill_s_per_batch']:>9.2f} {r['decode_ms_per_step']:>9.1f}", flush=True)
+              + f" {r['false_statements']:>5} {r['prefill_s_per_batch']:>9.2f} {r['decode_ms_per_step']:>9.1f}", flush=True)
     result = {"benchmark": "caption_accuracy", "checkpoint": str(args.checkpoint or "committed"),
               "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "rows": rows}
