@@ -43,6 +43,28 @@ def _env_flag(name: str) -> bool | None:
     sys.exit(f"setup.py: {name} must be 0 or 1, got {os.environ[name]!r}")
 
 
+def _resolve_cuda_home() -> None:
+    """torch guesses CUDA_HOME from `which nvcc`; when nvcc is a wrapper script such as
+    /usr/local/bin/nvcc (`exec /usr/local/cuda-13.0/bin/nvcc "$@"`) that guess is /usr/local,
+    which has no lib64/libcudart. Follow the wrapper to the real toolkit."""
+    home = cpp_extension.CUDA_HOME
+    if os.environ.get("CUDA_HOME") or home is None or os.path.isdir(os.path.join(home, "lib64")):
+        return
+    nvcc = os.path.join(home, "bin", "nvcc")
+    try:
+        text = Path(nvcc).read_text(errors="replace") if os.path.getsize(nvcc) < 4096 else ""
+    except OSError:
+        return
+    for token in text.split():
+        if token.endswith("/bin/nvcc") and os.path.isfile(token):
+            cpp_extension.CUDA_HOME = os.path.dirname(os.path.dirname(token))
+            os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME
+            return
+
+
+_resolve_cuda_home()
+
+
 def _want_cuda() -> bool:
     forced = _env_flag("SPARROW_CUDA")
     toolkit = cpp_extension.CUDA_HOME is not None

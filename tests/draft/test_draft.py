@@ -327,3 +327,31 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="num_heads=3 must be a positive multiple of num_kv_heads=2"):
         DraftConfig(H, 3, 2, 8, 16, V, (4,))
     assert isinstance(cache, DraftCache)
+
+
+# ----------------------------------------------------------------------------- committed drafts
+COMMITTED = {"sparrow": False, "vata": False, "visual_kv": True, "none": True, "mtp": True, "mtp_ivsb": True}
+
+
+def test_committed_drafts_match_the_committed_target():
+    """Each committed draft loads with the committed tiny VLM, was trained on exactly those
+    target weights (a retrained target needs retrained drafts), has the cache layout its
+    name says, and the Sparrow draft agrees with the target's greedy tokens on a held-out video."""
+    from sparrow_kernels.draft import committed_draft_dir
+    from sparrow_kernels.targets.tinyvlm import TinyVLMTarget
+    from sparrow_kernels.training.train_draft import evaluate, target_fingerprint
+    from sparrow_kernels.training.distill_data import HiddenStateStore, answer_groups, tiny_plan
+
+    target = TinyVLMTarget.load()
+    fingerprint = target_fingerprint("tiny", target)
+    for name, visual_kv in COMMITTED.items():
+        draft = SparrowDraft.load(committed_draft_dir(name), target)
+        assert draft.config.visual_kv is visual_kv, name
+        assert draft.training_info["target"] == fingerprint, f"draft {name} was trained for another target"
+    sparrow = SparrowDraft.load(committed_draft_dir("sparrow"), target)
+    groups = answer_groups(target, tiny_plan(target, 1, 2, 8, 8, seed=3, caption_fraction=1.0, heldout=True),
+                           max_new_tokens=48, progress=False)
+    store = HiddenStateStore(target, sorted({*sparrow.config.feature_layers, target.num_layers}), None, 0, "t")
+    layout = {"include_visual": False, "visual_first": False, "visual_layer": None}
+    result = evaluate(sparrow, store, groups, layout, 2, target.num_layers)
+    assert result["positions"] > 20 and result["top1_per_step"][0] > 0.7, result

@@ -150,3 +150,16 @@ def test_bad_arguments(target_dir, tmp_path):
         run(cli(target_dir, tmp_path, "--steps", "1", "--preset", "sparrow", "--window", "2"))
     with pytest.raises(SystemExit):
         train_draft.main(["--out", str(tmp_path), "--preset", "nonsense"])
+
+
+def test_ivsb_keep_zero_is_text_only_training(target_dir, tmp_path):
+    """--ivsb-keep 0: no step carries the visual prefix, so the run equals VATA+MTP without IVSB;
+    with keep 1 every step does, and the run differs."""
+    data = tmp_path / "data"
+    text_only = run(cli(target_dir, tmp_path / "a", "--steps", "3", "--vata", "--no-ivsb", "--mtp", data=data))
+    keep0 = run(cli(target_dir, tmp_path / "b", "--steps", "3", "--preset", "sparrow", "--ivsb-keep", "0",
+                    data=data))
+    keep1 = run(cli(target_dir, tmp_path / "c", "--steps", "3", "--preset", "sparrow", "--ivsb-keep", "1",
+                    data=data))
+    assert keep0["losses"] == text_only["losses"]
+    assert keep1["losses"] != text_only["losses"]
