@@ -52,18 +52,14 @@ inline dim3 checked_grid(const char* op, int64_t x, int64_t y, int64_t z, int th
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z));
 }
 
-// Lets `kernel` use more than 48 KiB of dynamic shared memory on the current device (once per
-// kernel and device; the attribute is idempotent, so a race between threads is harmless).
+// Lets `kernel` use more than 48 KiB of dynamic shared memory on the current device. Called
+// before each such launch (a cheap host call; caching it per kernel type would conflate kernels
+// that share a signature).
 template <typename Kernel>
 inline void allow_dynamic_smem(Kernel kernel, size_t smem_bytes) {
   if (smem_bytes <= static_cast<size_t>(kDefaultSmemBytes)) return;
-  constexpr int kMaxDevices = 64;
-  static size_t configured[kMaxDevices] = {};
-  const int device = at::cuda::current_device();
-  if (device < kMaxDevices && configured[device] >= smem_bytes) return;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem_bytes)));
-  if (device < kMaxDevices) configured[device] = smem_bytes;
 }
 
 // True when `ptr` can be read in `bytes`-sized vectors.

@@ -44,12 +44,21 @@ class TinyVLMConfig:
     visual_rope_span: float = 32.0      # visual RoPE position = t * span
     text_position_start: float = 33.0   # first text token's RoPE position
     fourier_features: int = 8           # sin/cos pairs of t added to visual embeddings
+    visual_reference_frames: int = 0    # > 0: text queries see visual keys with a bias of
+                                        # -log(max(1, frames / this)), so a densely sampled long
+                                        # video carries the attention mass of a `this`-frame one
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     pad_token_id: int = 0
     bos_token_id: int = 1
     eos_token_id: int = 2
     video_token_id: int = 3
+
+    def visual_bias(self, num_frames: int) -> float:
+        """Additive attention bias of visual keys for text queries (0 when disabled)."""
+        if self.visual_reference_frames <= 0:
+            return 0.0
+        return -math.log(max(1.0, num_frames / self.visual_reference_frames))
 
     @property
     def patches_per_frame(self) -> int:
@@ -178,23 +187,41 @@ class TinyVLM(nn.Module):
         return torch.linspace(0.0, 1.0, num_frames, device=device)
 
     def causal_forward(self, x: Tensor, positions: Tensor, layers: Sequence[int] = (),
-                       kv: Tensor | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+                       kv: Tensor | None = None, text_queries: tuple | None = None
+                       ) -> tuple[Tensor, dict[int, Tensor]]:
         """Full causal pass over x [B, T, d] at RoPE positions [B or 1, T]. Optionally
-        writes every layer's K/V into kv[2l / 2l+1, :, :, :T]. Returns the last layer's
-        output (pre final norm) and {layer: hidden} for the requested layers."""
+        writes every layer's K/V into kv[2l / 2l+1, :, :, :T]. `text_queries` =
+        (query_index [B, Lt], lengths [B], n_visual [B], visual_bias [B]): those queries'
+        attention is recomputed with the visual-key bias (visual queries see only visual
+        keys, where a uniform bias cancels). Returns the last layer's output (pre final
+        norm) and {layer: hidden} for the requested layers."""
         cfg = self.cfg
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         group = cfg.num_heads // cfg.num_kv_heads
         collected = {0: x} if 0 in layers else {}
-        T = x.shape[1]
+        B, T = x.shape[:2]
+        if text_queries is not None:
+            query_index, lengths, n_visual, visual_bias = text_queries
+            Lt = query_index.shape[1]
+            keys = torch.arange(T, device=x.device)[None, None, :]
+            allowed = (keys <= query_index[:, :, None]) & (keys < lengths[:, None, None])     # [B, Lt, T]
+            text_mask = torch.zeros(allowed.shape, device=x.device).masked_fill_(~allowed, float("-inf"))
+            text_mask += (keys < n_visual[:, None, None]) * visual_bias[:, None, None]
+            text_mask = text_mask[:, None, None].expand(B, 1, group, Lt, T).reshape(B, 1, group * Lt, T)
+            gather_index = query_index[:, None, :, None].expand(B, cfg.num_heads, Lt, cfg.head_dim)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv_heads(x, cos, sin)
             if kv is not None:
                 kv[2 * i, :, :, :T] = k
                 kv[2 * i + 1, :, :, :T] = v
+            k_heads, v_heads = k, v
             if group > 1:
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if text_queries is not None:
+                q_text = q.gather(2, gather_index).reshape(B, cfg.num_kv_heads, group * Lt, cfg.head_dim)
+                attn_text = F.scaled_dot_product_attention(q_text, k_heads, v_heads, attn_mask=text_mask.to(q.dtype))
+                attn = attn.scatter(2, gather_index, attn_text.reshape(B, cfg.num_heads, Lt, cfg.head_dim))
             x = layer.finish(x, attn)
             if i + 1 in layers:
                 collected[i + 1] = x
@@ -214,7 +241,15 @@ class TinyVLM(nn.Module):
         positions = torch.cat([
             (times * cfg.visual_rope_span).repeat_interleave(cfg.patches_per_frame),
             cfg.text_position_start + torch.arange(L, device=frames.device, dtype=torch.float32)])[None]
-        out, _ = self.causal_forward(x, positions)
+        text_queries = None
+        bias = cfg.visual_bias(T)
+        if bias != 0.0:
+            n_vis = visual.shape[1]
+            device = frames.device
+            text_queries = (n_vis + torch.arange(L, device=device)[None].expand(B, L),
+                            torch.full((B,), n_vis + L, device=device), torch.full((B,), n_vis, device=device),
+                            torch.full((B,), bias, device=device))
+        out, _ = self.causal_forward(x, positions, text_queries=text_queries)
         return self.lm_head(self.final_norm(out[:, visual.shape[1]:]))
 
 
@@ -225,6 +260,8 @@ class TinyVLMState(TargetState):
     kv: Tensor                      # [2 * n_layers, B, Hkv, capacity, D], K and V of layer l at 2l, 2l+1
     position_offset: Tensor         # [B] float: RoPE position of text slot s is s + position_offset[b]
     tree_size: int = 0              # nodes written by the last forward_tree (commit checks against it)
+    n_visual: Tensor | None = None  # [B] visual tokens per row (slots 0 .. n_visual[b] - 1)
+    visual_bias: Tensor | None = None   # [B] attention bias of visual keys (TinyVLMConfig.visual_bias)
 
 
 def _kv_compact_torch(kv: Tensor, prefix_len: Tensor, accept_index: Tensor, accept_len: Tensor) -> None:
@@ -413,14 +450,22 @@ class TinyVLMTarget:
 
         # zeros, not empty: masked slots still enter SDPA's weighted sum (0 * NaN garbage = NaN)
         kv = torch.zeros(2 * cfg.num_layers, B, cfg.num_kv_heads, capacity, cfg.head_dim, device=self.device)
-        out, collected = self.model.causal_forward(x, positions, layers, kv)
         lengths = lengths.to(self.device)
+        n_visual_t = torch.tensor(n_visual, dtype=torch.long, device=self.device)
+        visual_bias = torch.tensor([cfg.visual_bias(f.shape[0]) for f in frames], device=self.device)
+        text_queries = None
+        if bool((visual_bias != 0).any()):
+            Lt = int((lengths - n_visual_t).max())
+            query_index = (n_visual_t[:, None] + torch.arange(Lt, device=self.device)).clamp(max=T - 1)
+            text_queries = (query_index, lengths, n_visual_t, visual_bias)
+        out, collected = self.model.causal_forward(x, positions, layers, kv, text_queries)
         last = out[torch.arange(B, device=self.device), lengths - 1]              # [B, d]
         logits = self._head(last)                                                # [B, V]
         valid = (torch.arange(T, device=self.device)[None] < lengths[:, None])[..., None]
         hidden = [collected[l] * valid for l in layers]
         offset = cfg.text_position_start - torch.tensor(n_visual, dtype=torch.float32, device=self.device)
-        state = TinyVLMState(lengths=lengths.clone(), capacity=capacity, kv=kv, position_offset=offset)
+        state = TinyVLMState(lengths=lengths.clone(), capacity=capacity, kv=kv, position_offset=offset,
+                             n_visual=n_visual_t, visual_bias=visual_bias)
         return PrefillOutput(state=state, logits=logits, hidden=hidden, input_ids=input_ids,
                              text_mask=text_mask, lengths=lengths)
 
@@ -456,6 +501,9 @@ class TinyVLMTarget:
         # (an additive float mask: SDPA would convert a bool one again in every layer)
         visible = visible[:, None, None].expand(B, 1, group, N, key_len).reshape(B, 1, group * N, key_len)
         mask = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, float("-inf"))
+        if state.visual_bias is not None and bool((state.visual_bias != 0).any()):
+            is_visual = torch.arange(key_len, device=self.device)[None, :] < state.n_visual[:, None]   # [B, K]
+            mask += (is_visual * state.visual_bias[:, None])[:, None, None, :]
 
         x = self.model.embed(tokens)                                              # [B, N, d]
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)

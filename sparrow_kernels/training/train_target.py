@@ -1,10 +1,11 @@
 """`sparrow train-target`: train the built-in tiny video LM on the synthetic video world.
 
 Data is generated on the fly from seeds (stateless: batch k is a function of the run seed
-and k, so a resumed run sees exactly the batches it would have seen). bf16 autocast on the
-CPU, AdamW with a cosine schedule, tqdm progress, periodic safetensors checkpoints with a
-config JSON and the tokenizer, resume, and a quick held-out caption-accuracy eval. It must
-not touch the committed checkpoint unless asked (`--export`).
+and k, so a resumed run sees exactly the batches it would have seen). fp32 by default
+(bf16 autocast with --bf16: faster only on CPUs with native bf16), AdamW with a cosine
+schedule, tqdm progress, periodic safetensors checkpoints with a config JSON and the
+tokenizer, resume, and a quick held-out caption-accuracy eval. It must not touch the
+committed checkpoint unless asked (`--export`).
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--intermediate-size", type=int, default=384)
+    p.add_argument("--visual-reference-frames", type=int, default=16,
+                   help="density correction of visual attention for text queries (0: off); "
+                        "see TinyVLMConfig.visual_reference_frames")
     p.add_argument("--checkpoint-minutes", type=float, default=4.0)
     p.add_argument("--eval-minutes", type=float, default=10.0)
     p.add_argument("--eval-videos", type=int, default=24)
@@ -165,6 +169,7 @@ def main(argv=None) -> int:
     cfg = TinyVLMConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden_size, num_layers=args.layers,
                         num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.hidden_size // args.heads,
                         intermediate_size=args.intermediate_size, pad_token_id=tok.pad_id,
+                        visual_reference_frames=args.visual_reference_frames,
                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, video_token_id=tok.video_id)
     model = TinyVLM(cfg)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]

@@ -133,6 +133,8 @@ def test_bad_split_override_is_rejected(monkeypatch):
     (7, 1, 128, torch.bfloat16),   # Qwen: 8-row tiles
     (8, 1, 256, torch.float32),    # 8 rows, the largest head dim
     (4, 5, 80, torch.bfloat16),    # 20 rows: 16-row tiles across queries
+    (4, 5, 256, torch.float16),    # 16-row tiles at D = 256: over 48 KiB of shared memory (opt-in)
+    (2, 8, 256, torch.float32),    # the same in fp32, another kernel with the same signature
     (2, 3, 20, torch.float16),     # 40-byte rows: the element-wise fallback
     (3, 2, 17, torch.float32),     # odd head dim: the element-wise fallback
     (2, 4, 64, torch.float64),     # float64 (accumulates in float64)

@@ -17,11 +17,11 @@ from sparrow_kernels.targets.tinyvlm import DEFAULT_CHECKPOINT, TinyVLM, TinyVLM
 TOK = WordTokenizer.from_grammar()
 
 
-def make_target(seed: int = 0) -> TinyVLMTarget:
+def make_target(seed: int = 0, visual_reference_frames: int = 0) -> TinyVLMTarget:
     """A small random model with sharp (non-tied) logits so greedy choices are stable."""
     torch.manual_seed(seed)
     cfg = TinyVLMConfig(vocab_size=TOK.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                        head_dim=8, intermediate_size=48)
+                        head_dim=8, intermediate_size=48, visual_reference_frames=visual_reference_frames)
     model = TinyVLM(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -30,10 +30,23 @@ def make_target(seed: int = 0) -> TinyVLMTarget:
     return TinyVLMTarget(model, TOK)
 
 
-@pytest.fixture(scope="module")
-def target() -> TinyVLMTarget:
+@pytest.fixture(scope="module", params=[0, 2], ids=["no_visual_bias", "visual_bias"])
+def target(request) -> TinyVLMTarget:
+    """Without and with the density correction of visual attention (reference 2 frames:
+    every test video of 3+ frames gets a nonzero bias)."""
     torch.set_num_threads(1)
-    return make_target()
+    return make_target(visual_reference_frames=request.param)
+
+
+def test_visual_bias_changes_text_attention_consistently():
+    plain, biased = make_target(), make_target(visual_reference_frames=2)
+    frames = VideoWorld(3).render(6)
+    p = plain.make_prompt(frames)
+    assert not torch.allclose(plain.prefill([p], [], 200).logits, biased.prefill([p], [], 200).logits)
+    # the training pass applies the same bias as inference
+    ids = torch.tensor([TOK.encode(p.prompt, add_bos=True)])
+    train_logits = biased.model.forward_train(frames[None], ids)[0, -1]
+    torch.testing.assert_close(train_logits, biased.prefill([p], [], 200).logits[0], atol=1e-5, rtol=1e-5)
 
 
 def prompt(target, seed: int, frames: int, question: str | None = None) -> VideoPrompt:

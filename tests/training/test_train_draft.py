@@ -163,3 +163,21 @@ def test_ivsb_keep_zero_is_text_only_training(target_dir, tmp_path):
                     data=data))
     assert keep0["losses"] == text_only["losses"]
     assert keep1["losses"] != text_only["losses"]
+
+
+def test_file_plan_groups_local_videos_by_frame_count(target_dir, tmp_path):
+    """The HF-target data path: a JSON list of {video, prompt, num_frames} becomes batches of
+    equal frame count with tokenized prompts; malformed entries are named."""
+    from sparrow_kernels.training.distill_data import file_plan
+
+    target = train_draft.load_any_target(str(target_dir))
+    entries = [{"video": f"v{i}.mp4", "prompt": "describe the video in detail .", "num_frames": 8 if i % 2 else 4}
+               for i in range(5)]
+    (tmp_path / "pairs.json").write_text(json.dumps(entries))
+    groups = file_plan(target, str(tmp_path / "pairs.json"), group_size=2)
+    assert [(g.num_frames, len(g.samples)) for g in groups] == [(4, 2), (4, 1), (8, 2)]
+    ids = groups[0].samples[0].prompt_ids
+    assert ids[0] == target.tokenizer.bos_id and target.tokenizer.decode(ids) == "describe the video in detail ."
+    (tmp_path / "bad.json").write_text(json.dumps([{"video": "a.mp4", "prompt": "x"}]))
+    with pytest.raises(ValueError, match="entry 0 lacks 'num_frames'"):
+        file_plan(target, str(tmp_path / "bad.json"), group_size=2)
