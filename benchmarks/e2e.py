@@ -131,6 +131,14 @@ def plot(results, lengths, out_dir):
             plt.close(fig)
 
 
+def save(args, meta, results, ablation) -> Path:
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ("e2e_quick.json" if args.quick else "e2e.json")).write_text(
+        json.dumps({"meta": meta, "results": results, "ablation": ablation}, indent=1))
+    return out_dir
+
+
 def main(argv=None):
     args = parse_args(argv)
     from sparrow_kernels.targets import load_target
@@ -163,6 +171,7 @@ def main(argv=None):
                 per_video.append(run_setting(target, main_drafts, tree, prompt, args.max_new_tokens, temp, seed=i))
             agg = aggregate(per_video)
             results[str(temp)][str(L)] = agg
+            save(args, meta, results, {})   # after every setting, so a stopped run keeps its numbers
             for m, r in agg.items():
                 print(f"T={temp:g} visual={L:6d} {m:<15} tau {r['tau']:5.2f}  decode x{r['decode_speedup']:5.2f}  "
                       f"e2e x{r['e2e_speedup']:5.2f}  {r['tok_s_decode']:7.1f} tok/s  prefill {r['prefill_s']:6.2f}s "
@@ -178,10 +187,7 @@ def main(argv=None):
                 per_video.append(run_setting(target, abl, tree, prompt, args.max_new_tokens, 0.0, seed=i))
             ablation[str(L)] = {m: r["tau"] for m, r in aggregate(per_video).items() if m != "autoregressive"}
         print("ablation (tau, greedy): " + json.dumps(ablation))
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / ("e2e_quick.json" if args.quick else "e2e.json")).write_text(
-        json.dumps({"meta": meta, "results": results, "ablation": ablation}, indent=1))
+    out_dir = save(args, meta, results, ablation)
     if not args.quick:
         plot(results, lengths, out_dir)
     bad = [(t, L, m) for t, rt in results.items() for L, rl in rt.items() for m, r in rl.items()
