@@ -260,5 +260,5 @@ def test_committed_checkpoint_reads_videos():
         for s, ids in zip(seeds, outputs):
             c, t = score_caption(trained.tokenizer.decode(ids), VideoWorld(s).facts)
             correct, total = correct + c, total + t
-        # a constant caption scores <= 28% on held-out videos (see the report); this model ~47%
+        # a constant caption scores <= 28% on held-out videos; the committed model ~45%
         assert correct / total >= 0.35, (frames, correct, total)
