@@ -15,7 +15,7 @@
 # (step names as in summary.txt).
 set -x
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_check_out}
+OUT=${OUT:-${TMPDIR:-/tmp}/sparrow_gpu_check}
 mkdir -p "$OUT"
 PYTHON=${PYTHON:-python}
 START=$(date +%s)
@@ -65,7 +65,7 @@ step() {
 }
 
 # --- the machine
-step env 60 bash -c "nvidia-smi; $PYTHON -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())'; $PYTHON -c 'import triton; print(\"triton\", triton.__version__)'; $PYTHON -c 'import transformers; print(\"transformers\", transformers.__version__)'; nvcc --version; command -v compute-sanitizer; echo TORCH_CUDA_ARCH_LIST=\$TORCH_CUDA_ARCH_LIST MAX_JOBS=\$MAX_JOBS"
+step env 60 bash -c "nvidia-smi; $PYTHON -c 'import torch, sys; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())'; $PYTHON -c 'import triton; print(\"triton\", triton.__version__)'; $PYTHON -c 'import transformers; print(\"transformers\", transformers.__version__)'; nvcc --version; echo ninja \$(ninja --version 2>/dev/null || echo missing: sources compile one at a time); command -v compute-sanitizer; echo TORCH_CUDA_ARCH_LIST=\$TORCH_CUDA_ARCH_LIST MAX_JOBS=\$MAX_JOBS"
 
 # --- build sparrow_kernels._C in place (CPU + CUDA kernels), then prove the CUDA kernels load
 step build 300 $PYTHON setup.py build_ext --inplace

@@ -1,8 +1,8 @@
-// sparrow::gather_hidden on CUDA (docs/ops.md): gathers rows of several layers' hidden states
-// [B, T, H] at index [B, N] into out [B, N, n_layers * H] in one launch (up to 16 layers; more
-// take one launch per 16), moving the widest aligned words (up to 16 bytes) and writing zeros
-// for padding (-1). It does no arithmetic and no validation beyond csrc/checks.h; an index
-// outside [-1, T), which is not checked for CUDA tensors, also yields a zero row.
+// sparrow::gather_hidden on CUDA (docs/ops.md): gathers several layers' hidden-state rows
+// [B, T, H] at index [B, N] into out [B, N, n_layers * H] in one launch (per 16 layers), in the
+// widest aligned words, zeros for padding. No arithmetic, no validation beyond csrc/checks.h.
+//
+// An index outside [-1, T), which is not checked for CUDA tensors, also yields a zero row.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>

@@ -1,7 +1,7 @@
-// sparrow::kv_compact on CUDA (docs/ops.md): in place, for all layers in one launch, moves each
-// row's accepted draft-tree slots prefix_len[b] + accept_index[b, i] to prefix_len[b] + i. One
-// block per (layer, batch row, head) slab moves whole accepted rows in the widest aligned words;
-// it does no arithmetic and no validation beyond csrc/checks.h.
+// sparrow::kv_compact on CUDA (docs/ops.md): in place, all layers in one launch, moves each row's
+// accepted draft-tree slots prefix_len[b] + accept_index[b, i] to prefix_len[b] + i, one block
+// per (layer, batch row, head) slab, in the widest aligned words. No arithmetic, no validation
+// beyond csrc/checks.h.
 //
 // Overlap: accept_index is strictly increasing (a_i >= i), so no copy reads an earlier copy's
 // destination, but a destination i may be an earlier copy's source (a_i' = i for i' < i), so

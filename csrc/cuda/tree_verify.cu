@@ -1,19 +1,19 @@
-// sparrow::tree_verify_greedy and sparrow::tree_verify_sample on CUDA (docs/ops.md): one
-// block per batch row walks the draft tree (first-child / next-sibling links) from the root.
-// Greedy compares tokens; sampling runs recursive rejection sampling with block-wide passes
-// over the vocabulary (sums of the residual, its update, and the inverse-CDF bonus sample).
-// No op logic beyond docs/ops.md, no input validation beyond csrc/checks.h.
+// sparrow::tree_verify_greedy and sparrow::tree_verify_sample on CUDA (docs/ops.md): one block
+// per batch row walks the draft tree from the root; sampling makes block-wide passes over the
+// vocabulary (residual sums and updates, the inverse-CDF bonus sample). No op logic beyond
+// docs/ops.md, no input validation beyond csrc/checks.h.
 //
 // Value checks (link targets, token range) run on the host for CPU tensors only; here a link
 // that does not point forward inside the row (the order checks.h enforces) ends the list, and
 // a candidate token outside [0, V) has probability 0, so bad input never reads out of bounds.
 // Sampling matches the reference's float32 element-wise arithmetic exactly; its sums run as
-// block reductions, so they may differ from torch.sum in the last bits (a decision can differ
-// only when a uniform lands within that rounding of a threshold). A target row with no
+// block reductions and a block scan, so they may differ from torch.sum / torch.cumsum in the
+// last bits: an accept decision can differ only when a uniform lands within that rounding of
+// its threshold, but over a 152k vocabulary the cumsum rounding can exceed one token's mass,
+// so the bonus token may be a neighbour of the reference's pick. A target row with no
 // positive mass yields bonus_token = -1 (the CPU kernel raises; a kernel cannot).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include <tuple>

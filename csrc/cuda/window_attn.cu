@@ -1,10 +1,12 @@
-// sparrow::window_attn forward on CUDA (docs/ops.md): split-KV ("flash-decoding") attention
-// over each query's text-anchored window, for decode (Tq = 1), draft trees and prefill alike.
+// sparrow::window_attn forward on CUDA (docs/ops.md): split-KV attention over each query's
+// text-anchored window, for decode, draft trees and prefill alike. It holds no backward (the
+// Python front registers Triton's as sparrow::window_attn_backward's CUDA kernel) and no
+// validation beyond csrc/checks.h.
+//
 // One CTA takes a tile of query rows sharing a KV head (the GQA group packed, so each K/V byte
 // is read once per group), walks only the tile's anchor, window and tree key slots in 16-byte
-// vectors with fp32 (fp64 for fp64) accumulation, and splits that key range across CTAs whose
-// partial results a second kernel merges by log-sum-exp. The backward is not here: the Python
-// front registers the Triton backward as the CUDA kernel of sparrow::window_attn_backward.
+// vectors with fp32 (fp64 for fp64) accumulation, and the key range is split across CTAs whose
+// partial results a second kernel merges by log-sum-exp.
 //
 // Inputs are validated by csrc/checks.h (same messages as the CPU kernel). kv_len values are
 // not checked for CUDA tensors (no device sync): they are clamped to [0, Tk], so bad lengths

@@ -70,11 +70,9 @@ def _frames_of(sample: DistillSample) -> Tensor:
 
 
 def read_video_frames(path: str, num_frames: int) -> Tensor:
-    """Frames `[T, H, W, 3]` uint8 of a video file, through the project's video reader."""
-    try:
-        from ..video import read_video  # provided by the HF targets work (PyAV)
-    except ImportError as err:  # pragma: no cover - depends on another module
-        raise ImportError("reading video files needs sparrow_kernels.video.read_video (PyAV)") from err
+    """Frames `[T, H, W, 3]` uint8 of a video file, through the project's video reader (PyAV)."""
+    from ..video_io import read_video
+
     return read_video(path, num_frames=num_frames)
 
 

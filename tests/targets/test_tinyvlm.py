@@ -46,7 +46,7 @@ def test_visual_bias_changes_text_attention_consistently():
     # the training pass applies the same bias as inference
     ids = torch.tensor([TOK.encode(p.prompt, add_bos=True)])
     train_logits = biased.model.forward_train(frames[None], ids)[0, -1]
-    torch.testing.assert_close(train_logits, biased.prefill([p], [], 200).logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(train_logits, biased.prefill([p], [], 200).logits[0], atol=1e-4, rtol=1e-4)
 
 
 def prompt(target, seed: int, frames: int, question: str | None = None) -> VideoPrompt:
@@ -116,10 +116,10 @@ def test_tree_logits_equal_plain_forward_of_each_path(target, seed, n_nodes):
             path_tokens = tokens[b, path_to(trees[b][0], i)]
             plain = target.prefill([VideoPrompt(prompts[b].frames, prompt_ids=torch.cat([prompt_ids, path_tokens]))],
                                    layers=layers, capacity=120)
-            torch.testing.assert_close(out.logits[b, i], plain.logits[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out.logits[b, i], plain.logits[0], atol=1e-4, rtol=1e-4)
             last = int(plain.lengths[0]) - 1
             for h_tree, h_plain in zip(out.hidden, plain.hidden):
-                torch.testing.assert_close(h_tree[b, i], h_plain[0, last], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(h_tree[b, i], h_plain[0, last], atol=1e-4, rtol=1e-4)
 
 
 def test_commit_then_decoding_continues_exactly_as_plain_greedy(target):

@@ -178,6 +178,24 @@ def test_file_plan_groups_local_videos_by_frame_count(target_dir, tmp_path):
     assert [(g.num_frames, len(g.samples)) for g in groups] == [(4, 2), (4, 1), (8, 2)]
     ids = groups[0].samples[0].prompt_ids
     assert ids[0] == target.tokenizer.bos_id and target.tokenizer.decode(ids) == "describe the video in detail ."
+    # the frames come from the file through the project's PyAV reader
+    import av
+
+    from sparrow_kernels.training.distill_data import prompts_of
+
+    video = tmp_path / "clip.avi"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("mjpeg", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuvj420p"
+        for i in range(12):
+            frame = torch.full((32, 32, 3), 20 * i, dtype=torch.uint8).numpy()
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    for sample in groups[0].samples:
+        sample.video = str(video)
+    frames = prompts_of(groups[0])[0].frames
+    assert frames.shape == (4, 32, 32, 3) and frames.dtype == torch.uint8
+    assert frames[0].float().mean() < frames[-1].float().mean()                # spread over the clip
     (tmp_path / "bad.json").write_text(json.dumps([{"video": "a.mp4", "prompt": "x"}]))
     with pytest.raises(ValueError, match="entry 0 lacks 'num_frames'"):
         file_plan(target, str(tmp_path / "bad.json"), group_size=2)
