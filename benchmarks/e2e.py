@@ -24,20 +24,22 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_LENGTHS = (500, 1500, 6000, 12000, 25000)
-METHODS = ("visual_kv", "sparrow")
-ABLATIONS = ("none", "vata", "mtp", "mtp_ivsb", "sparrow")     # the paper's ablation rows
+METHODS = ("visual_kv", "sparrow", "vata_mtp")   # EAGLE/MSD baseline, full Sparrow recipe, the default draft
+ABLATIONS = ("none", "vata", "mtp", "mtp_ivsb", "vata_mtp", "sparrow")     # the paper's ablation rows
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="tiny", help="'tiny' or a local HF checkpoint directory")
     ap.add_argument("--draft", action="append", default=[], metavar="NAME=DIR",
-                    help="drafts to compare (default: the committed visual_kv and sparrow drafts of the tiny LM)")
+                    help="drafts to compare (default: the committed visual_kv, sparrow and vata_mtp drafts of the tiny LM)")
     ap.add_argument("--visual-tokens", default=",".join(map(str, DEFAULT_LENGTHS)))
     ap.add_argument("--videos", type=int, default=2, help="held-out synthetic videos per setting")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperatures", default="0,1")
     ap.add_argument("--ablations", action="store_true", help="also the ablation table (tau at the shortest and longest length)")
+    ap.add_argument("--ablation-lengths", default=None,
+                    help="visual-token counts of the ablation table (default: the shortest and the longest)")
     ap.add_argument("--total-tokens", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--top-k", type=int, default=None)
@@ -180,7 +182,9 @@ def main(argv=None):
     ablation = {}
     if args.ablations and not args.quick:
         abl = {n: drafts[n] for n in ABLATIONS if n in drafts}
-        for L in (lengths[0], lengths[-1]):
+        abl_lengths = [int(x) for x in args.ablation_lengths.split(",")] if args.ablation_lengths \
+            else [lengths[0], lengths[-1]]
+        for L in abl_lengths:
             per_video = []
             for i in range(videos):
                 prompt = target.make_prompt(VideoWorld(heldout_seed(1000 + i)).render(target.frames_for(L)))

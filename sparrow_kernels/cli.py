@@ -15,7 +15,7 @@ from pathlib import Path
 
 # Tree settings that suit a 2-core CPU and the built-in tiny video LM (measured in
 # benchmarks/e2e.py, see benchmarks/RESULTS.md); the GPU defaults are EAGLE-2's / the paper's.
-CPU_TREE = {"total_tokens": 12, "depth": 5, "top_k": 3}
+CPU_TREE = {"total_tokens": 10, "depth": 3, "top_k": 3}    # best of a sweep on 2 CPU cores (RESULTS.md)
 GPU_TREE = {"total_tokens": 30, "depth": 3, "top_k": 8}
 
 
@@ -42,10 +42,10 @@ def _load_target(spec, device):
     return load_target(spec, **kwargs)
 
 
-def _load_draft(path, target, default_name="sparrow"):
+def _load_draft(path, target, default_name=None):
     from sparrow_kernels.draft import SparrowDraft, committed_draft_dir
 
-    path = path or committed_draft_dir(default_name)
+    path = path or committed_draft_dir(*([default_name] if default_name else []))
     try:
         draft = SparrowDraft.load(path, target)
     except FileNotFoundError as err:

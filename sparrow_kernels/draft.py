@@ -109,14 +109,35 @@ class _FrozenTargetParts:
         self.lm_head = lm_head
 
 
+_INV_FREQ: dict = {}
+
+
+def _inv_freq(D: int, theta: float, device: torch.device) -> Tensor:
+    """RoPE inverse frequencies `[D/2]` float32, computed once per (D, theta, device)."""
+    key = (D, float(theta), str(device))
+    inv = _INV_FREQ.get(key)
+    if inv is None:
+        with torch.inference_mode(False), torch.no_grad():
+            inv = theta ** (-torch.arange(0, D, 2, device=device, dtype=torch.float32) / D)
+        _INV_FREQ[key] = inv
+    return inv
+
+
 def _rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     """RoPE (rotate-half convention) of `x [B, H, T, D]` at integer `positions [B, T]`."""
     D = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)   # [D/2]
-    angles = positions.to(torch.float32)[:, None, :, None] * inv_freq                        # [B, 1, T, D/2]
+    angles = positions.to(torch.float32)[:, None, :, None] * _inv_freq(D, theta, x.device)   # [B, 1, T, D/2]
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x[..., : D // 2].float(), x[..., D // 2:].float()
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def _rms_norm(x: Tensor, norm: nn.RMSNorm) -> Tensor:
+    """nn.RMSNorm's math in five plain ops (on small CPU inputs the fused kernel costs ~10x
+    more); fp32 statistics."""
+    xf = x.float()
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return (out * norm.weight.float()).to(x.dtype)
 
 
 def _check_tensor(name: str, t, shape: tuple, dtype=None, device=None) -> None:
@@ -158,6 +179,7 @@ class SparrowDraft(nn.Module):
         self.up_proj = nn.Linear(H, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, H, bias=False)
         self.training_info: dict = {}     # free-form metadata saved in config.json ("training")
+        self._fused_weights: dict = {}    # inference-only concatenated projections (see _fused)
 
     # ------------------------------------------------------------------ building blocks
     @property
@@ -172,6 +194,19 @@ class SparrowDraft(nn.Module):
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.config.head_dim)
 
+    def _fused(self, name: str, *linears: nn.Linear) -> Tensor | None:
+        """The row-concatenation of `linears`' weights for one matmul instead of several, when no
+        gradient is being recorded (drafting); rebuilt whenever a weight moves or is updated
+        in place (its storage or version counter changes). None while training."""
+        if torch.is_grad_enabled():
+            return None
+        stamp = tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in linears)
+        hit = self._fused_weights.get(name)
+        if hit is None or hit[0] != stamp:
+            hit = (stamp, torch.cat([m.weight.detach() for m in linears], dim=0))
+            self._fused_weights[name] = hit
+        return hit[1]
+
     def fuse(self, features: Tensor) -> Tensor:
         """Target features `[.., F]` -> `[.., H]` (the slot a fed-back draft hidden takes)."""
         return self.feature_fuse(features) if self.feature_fuse is not None else features
@@ -179,7 +214,8 @@ class SparrowDraft(nn.Module):
     def input_states(self, tokens: Tensor, fused: Tensor) -> Tensor:
         """tokens `[B, T]` and fused features `[B, T, H]` -> layer input `[B, T, H]`."""
         token_embed = self.frozen.embed_tokens(tokens).to(self.dtype)             # [B, T, H]
-        both = torch.cat([self.embed_norm(token_embed), self.feature_norm(fused.to(self.dtype))], dim=-1)
+        both = torch.cat([_rms_norm(token_embed, self.embed_norm), _rms_norm(fused.to(self.dtype), self.feature_norm)],
+                         dim=-1)
         return self.fc(both)                                                         # [B, T, H]
 
     def qkv(self, x: Tensor, positions: Tensor, query_start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -187,7 +223,13 @@ class SparrowDraft(nn.Module):
         only from entry query_start on), k, v `[B, Hkv, T, D]`."""
         cfg = self.config
         B, T, _ = x.shape
-        h = self.input_norm(x)
+        h = _rms_norm(x, self.input_norm)
+        weight = self._fused("qkv", self.q_proj, self.k_proj, self.v_proj) if query_start == 0 else None
+        if weight is not None:       # one matmul, one RoPE over the q and k heads together
+            Hq, Hkv = cfg.num_heads, cfg.num_kv_heads
+            heads = nn.functional.linear(h, weight).view(B, T, Hq + 2 * Hkv, cfg.head_dim).transpose(1, 2)
+            qk = _rotate(heads[:, :Hq + Hkv], positions, cfg.rope_theta)
+            return qk[:, :Hq].contiguous(), qk[:, Hq:].contiguous(), heads[:, Hq + Hkv:].contiguous()
         hq = h[:, query_start:]
         q = self.q_proj(hq).view(B, T - query_start, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, Hq, Tq, D]
         k = self.k_proj(h).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)    # [B, Hkv, T, D]
@@ -200,7 +242,11 @@ class SparrowDraft(nn.Module):
         """Residual stream `x [B, T, H]` + attention output `[B, Hq, T, D]` -> draft hidden `[B, T, H]`."""
         B, _, T, _ = attn.shape
         x = x + self.o_proj(attn.transpose(1, 2).reshape(B, T, -1))
-        h = self.post_attn_norm(x)
+        h = _rms_norm(x, self.post_attn_norm)
+        weight = self._fused("gate_up", self.gate_proj, self.up_proj)
+        if weight is not None:
+            gate, up = nn.functional.linear(h, weight).chunk(2, dim=-1)
+            return x + self.down_proj(nn.functional.silu(gate) * up)
         return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -263,10 +309,18 @@ class SparrowDraft(nn.Module):
                               self.fuse(features))                                   # [B, T, H]
         q, k, v = self.qkv(x, positions)
         self._write(cache, k, v, positions, is_real)
-        kv_len = new_lengths.clamp(min=1)                                            # [B]
-        used = int(kv_len.max())
-        attn, _ = ops.window_attn(q, cache.k[:, :, :used], cache.v[:, :, :used], kv_len, positions,
-                                  cfg.window, cfg.n_anchor, None, self.scale)        # [B, Hq, T, D]
+        if cfg.window <= 0 and T > 1 and not bool(cache.lengths.any()) and bool((valid == T).all()):
+            # a full causal prefill of an empty cache (the visual-KV baseline's prompt): plain
+            # causal attention, exactly what window_attn computes here, through the fused SDPA
+            group = cfg.num_heads // cfg.num_kv_heads
+            attn = nn.functional.scaled_dot_product_attention(
+                q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), is_causal=True,
+                scale=self.scale)                                                    # [B, Hq, T, D]
+        else:
+            kv_len = new_lengths.clamp(min=1)                                        # [B]
+            used = int(kv_len.max())
+            attn, _ = ops.window_attn(q, cache.k[:, :, :used], cache.v[:, :, :used], kv_len, positions,
+                                      cfg.window, cfg.n_anchor, None, self.scale)    # [B, Hq, T, D]
         cache.lengths = new_lengths
         return self.finish(x, attn)
 
@@ -293,38 +347,33 @@ class SparrowDraft(nn.Module):
         x = self.input_states(tokens.clamp(0, cfg.vocab_size - 1), prev_hidden)     # [B, K, H]
         q, k, v = self.qkv(x, positions)
         node_slots = cache.lengths[:, None] + cache.scratch_len + torch.arange(K, device=self.device)  # [B, K]
-        self._write(cache, k, v, node_slots, torch.ones_like(tokens, dtype=torch.bool))
+        rows = torch.arange(B, device=self.device)[:, None].expand(B, K)            # every node is stored
+        cache.k[rows, :, node_slots] = k.transpose(1, 2).to(cache.k.dtype)
+        cache.v[rows, :, node_slots] = v.transpose(1, 2).to(cache.v.dtype)
         scratch_pos = positions if cache.scratch_pos is None else torch.cat([cache.scratch_pos, positions], 1)
         cache.scratch_pos, cache.scratch_len = scratch_pos, M                        # [B, M]
 
-        # 1) the committed prefix through the window kernel (window rule at each node's position)
-        has_prefix = cache.lengths > 0                                               # [B]
-        used = max(int(cache.lengths.max()), 1)
-        prefix_out, prefix_lse = ops.window_attn(
-            q, cache.k[:, :, :used], cache.v[:, :, :used], cache.lengths.clamp(min=1), positions,
-            cfg.window, cfg.n_anchor, None, self.scale)                              # [B, Hq, K, D], [B, Hq, K]
-        prefix_lse = prefix_lse.masked_fill(~has_prefix[:, None, None], float("-inf"))
-        # 2) the M scratch nodes: tree mask (ancestor-or-self), plus the window rule on positions
-        scratch_slots = cache.lengths[:, None] + torch.arange(M, device=self.device)  # [B, M]
-        index = scratch_slots[:, None, :, None].expand(B, cfg.num_kv_heads, M, cfg.head_dim)
-        group = cfg.num_heads // cfg.num_kv_heads
-        node_k = cache.k.gather(2, index).repeat_interleave(group, dim=1).float()    # [B, Hq, M, D]
-        node_v = cache.v.gather(2, index).repeat_interleave(group, dim=1).float()    # [B, Hq, M, D]
-        visible = tree_mask.clone()                                                  # [B, K, M]
-        if cfg.window > 0:
+        # One window_attn call over the committed prefix + all M scratch nodes: the scratch
+        # slots are the last M key slots and follow the tree mask only (docs/ops.md), the
+        # prefix follows the window rule at each node's position. The M - K older nodes enter
+        # as dummy queries at position -1 (they see only themselves; outputs dropped).
+        older = M - K
+        node_rows = tree_mask                                                        # [B, K, M]
+        if cfg.window > 0:               # the window rule among scratch nodes, on their positions
             key_pos, query_pos = scratch_pos[:, None, :], positions[:, :, None]
-            visible &= (key_pos >= query_pos - cfg.window + 1) | (key_pos < cfg.n_anchor)
-        scores = torch.einsum("bhkd,bhmd->bhkm", q.float(), node_k) * self.scale     # [B, Hq, K, M]
-        scores = scores.masked_fill(~visible[:, None], float("-inf"))
-        node_lse = torch.logsumexp(scores, dim=-1)                                   # [B, Hq, K]
-        node_probs = torch.exp(scores - node_lse.masked_fill(torch.isinf(node_lse), 0)[..., None])
-        node_out = torch.einsum("bhkm,bhmd->bhkd", node_probs, node_v)               # [B, Hq, K, D]
-        # 3) merge the two softmax pieces by their log-sum-exps
-        total_lse = torch.logaddexp(prefix_lse.float(), node_lse)                   # [B, Hq, K]
-        total_lse = total_lse.masked_fill(torch.isinf(total_lse), 0)
-        w_prefix = torch.exp(prefix_lse.float() - total_lse)[..., None]
-        w_nodes = torch.exp(node_lse - total_lse)[..., None]
-        attn = (prefix_out.float() * w_prefix + node_out * w_nodes).to(q.dtype)     # [B, Hq, K, D]
+            node_rows = node_rows & ((key_pos >= query_pos - cfg.window + 1) | (key_pos < cfg.n_anchor))
+        if older:
+            eye = torch.eye(older, M, dtype=torch.bool, device=self.device).expand(B, older, M)
+            full_mask = torch.cat([eye, node_rows], dim=1)                           # [B, M, M]
+            q_all = torch.cat([q.new_zeros(B, q.shape[1], older, q.shape[3]), q], dim=2)
+            q_pos = torch.cat([positions.new_full((B, older), -1), positions], dim=1)
+        else:
+            full_mask, q_all, q_pos = node_rows.contiguous(), q, positions
+        kv_len = cache.lengths + M                                                   # [B]
+        used = int(kv_len.max())
+        attn, _ = ops.window_attn(q_all, cache.k[:, :, :used], cache.v[:, :, :used], kv_len, q_pos,
+                                  cfg.window, cfg.n_anchor, full_mask, self.scale)   # [B, Hq, M, D]
+        attn = attn[:, :, older:]                                                    # [B, Hq, K, D]
         return self.finish(x, attn)
 
     # ------------------------------------------------------------------ full-sequence forwards (training, tests)
@@ -450,9 +499,14 @@ def load_draft(path: str | os.PathLike, target) -> SparrowDraft:
     return SparrowDraft.load(path, target)
 
 
-def committed_draft_dir(name: str) -> str:
+# The committed draft the CLI and the demo use: Sparrow's VATA (text-only window cache) + MTP,
+# without IVSB, which lowered agreement on the tiny LM (benchmarks/RESULTS.md, ablations).
+DEFAULT_DRAFT = "vata_mtp"
+
+
+def committed_draft_dir(name: str = DEFAULT_DRAFT) -> str:
     """Directory of a committed draft for the built-in tiny VLM (e.g. 'sparrow', 'visual_kv')."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "drafts", name)
 
 
-__all__ = ["DraftCache", "DraftConfig", "SparrowDraft", "committed_draft_dir", "load_draft"]
+__all__ = ["DEFAULT_DRAFT", "DraftCache", "DraftConfig", "SparrowDraft", "committed_draft_dir", "load_draft"]

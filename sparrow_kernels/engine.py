@@ -64,7 +64,7 @@ class GenerationStats:
     accept_lengths: list[list[int]] = field(default_factory=list)  # per row, per active step: accepted
     #                                      nodes incl. the root = tokens the step yields incl. the bonus
     emitted: list[int] = field(default_factory=list)      # tokens returned per row (after stops)
-    prefill_s: float = 0.0
+    prefill_s: float = 0.0               # target prefill + the draft's prompt pass
     draft_s: float = 0.0
     verify_s: float = 0.0
     bookkeeping_s: float = 0.0
@@ -415,7 +415,7 @@ class SparrowGenerator:
         if not any(session.active):
             return
 
-        with clock.phase("draft"):
+        with clock.phase("prefill"):      # the draft's own prompt pass belongs to the prefill
             index, entry_tokens, valid = draft_prompt_entries(prefill, first, self.visual_kv)
             cache = draft.new_cache(B, int(valid.max()) + max_new_tokens + nodes + scratch + 1)
             features = self._prompt_features(prefill, index)

@@ -294,6 +294,100 @@ def _check_tensor(name: str, t, shape: tuple, dtypes: tuple, device: torch.devic
         raise ValueError(f"{name} must be on {device}, got {t.device}")
 
 
+class _TreeKeys:
+    """What the N tree nodes of one forward_tree attend to, split in two softmax pieces
+    merged by log-sum-exp: the visual keys (visible to every node, no mask at all: one dense
+    call, the cost that grows with the video) and the text keys (committed text + the tree
+    slots under tree_mask; small). The visual piece's log-sum-exp takes the visual-key bias,
+    which is exactly softmax with the bias added to every visual score. Query heads of one
+    GQA group are folded into the query axis ([B, Hkv, G*N, D]), so K/V are read once per group."""
+
+    def __init__(self, state: "TinyVLMState", tree_mask: Tensor, group: int):
+        device = tree_mask.device
+        B, N = tree_mask.shape[:2]
+        lengths = state.lengths
+        n_visual = state.n_visual if state.n_visual is not None else torch.zeros_like(lengths)
+        self.group, self.N = group, N
+        nv = n_visual.tolist()
+        self.n_visual = nv
+        self.uniform = all(n == nv[0] for n in nv)
+        text_len = lengths - n_visual                                              # [B] committed text
+        Tt = int(text_len.max()) + N
+        j = torch.arange(Tt, device=device)
+        self.text_slots = n_visual[:, None] + j                                    # [B, Tt]
+        in_prefix = j[None, :] < text_len[:, None]                                 # [B, Tt]
+        visible = in_prefix[:, None, :].expand(B, N, Tt).clone()                   # [B, N, Tt]
+        tree_cols = (text_len[:, None] + torch.arange(N, device=device)).clamp(max=Tt - 1)
+        visible.scatter_(2, tree_cols[:, None, :].expand(B, N, N), tree_mask)
+        visible = visible[:, None, None].expand(B, 1, group, N, Tt).reshape(B, 1, group * N, Tt)
+        self.text_mask = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
+        self.text_len = Tt
+        bias = state.visual_bias if state.visual_bias is not None else torch.zeros(B, device=device)
+        self.visual_bias = bias.to(torch.float32)[:, None, None]                    # [B, 1, 1]
+
+    def _visual(self, q: Tensor, k_cache: Tensor, v_cache: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(out [B, Hkv, G*N, D], lse [B, Hkv, G*N]) over each row's visual keys, or None."""
+        if max(self.n_visual) == 0:
+            return None
+        if self.uniform:
+            n = self.n_visual[0]
+            return _attention_with_lse(q, k_cache[:, :, :n], v_cache[:, :, :n])
+        outs, lses = [], []
+        for b, n in enumerate(self.n_visual):                                      # ragged rows
+            if n == 0:
+                outs.append(torch.zeros_like(q[b:b + 1]))
+                lses.append(torch.full(q.shape[1:3], float("-inf"), device=q.device)[None])
+                continue
+            o, l = _attention_with_lse(q[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n])
+            outs.append(o)
+            lses.append(l)
+        return torch.cat(outs), torch.cat(lses)
+
+    def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """q [B, Hq, N, D] (this layer's tree queries, K/V already written to the cache
+        [B, Hkv, capacity, D]) -> attention output [B, Hq, N, D]."""
+        B, Hq, N, D = q.shape
+        Hkv = k_cache.shape[1]
+        qg = q.reshape(B, Hkv, self.group * N, D)
+        if self.uniform:
+            n = self.n_visual[0]
+            k_text = k_cache[:, :, n:n + self.text_len]
+            v_text = v_cache[:, :, n:n + self.text_len]
+        else:
+            index = self.text_slots.clamp(max=k_cache.shape[2] - 1)[:, None, :, None].expand(B, Hkv, -1, D)
+            k_text, v_text = k_cache.gather(2, index), v_cache.gather(2, index)
+        scores = torch.matmul(qg, k_text.transpose(-1, -2)) * (D ** -0.5) + self.text_mask   # [B, Hkv, G*N, Tt]
+        lse_text = torch.logsumexp(scores, dim=-1)                                 # [B, Hkv, G*N]
+        safe_text = torch.where(torch.isinf(lse_text), 0.0, lse_text)              # a node may see no text key
+        out = torch.matmul(torch.exp(scores - safe_text[..., None]), v_text)
+        visual = self._visual(qg, k_cache, v_cache)
+        if visual is not None:
+            out_vis, lse_vis = visual
+            lse_vis = lse_vis + self.visual_bias
+            top = torch.maximum(lse_vis, lse_text)
+            top = torch.where(torch.isinf(top), 0.0, top)
+            w_vis, w_text = torch.exp(lse_vis - top), torch.exp(lse_text - top)
+            total = (w_vis + w_text).clamp(min=torch.finfo(w_vis.dtype).tiny)
+            out = (out_vis * w_vis[..., None] + out * w_text[..., None]) / total[..., None]
+        return out.reshape(B, Hq, N, D)
+
+
+def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Unmasked softmax attention and its log-sum-exp: q [B, H, M, D], k, v [B, H, T, D] ->
+    (out [B, H, M, D], lse [B, H, M]). PyTorch's CPU flash kernel returns both in one pass;
+    elsewhere the sparrow op does (window <= 0: every key, no anchors, no tree)."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+        return out, lse
+    from sparrow_kernels import ops
+
+    B, _, M, D = q.shape
+    T = k.shape[2]
+    kv_len = torch.full((B,), T, dtype=torch.int64, device=q.device)
+    q_pos = torch.full((B, M), T - 1, dtype=torch.int64, device=q.device)
+    return ops.window_attn(q, k, v, kv_len, q_pos, 0, 0, None, D ** -0.5)
+
+
 class TinyVLMTarget:
     """The tiny video LM behind the `Target` protocol (fp32 inference)."""
 
@@ -491,19 +585,7 @@ class TinyVLMTarget:
         node = torch.arange(N, device=self.device)
         slots = lengths[:, None] + node                                           # [B, N]
         positions = (lengths.float() + state.position_offset)[:, None] + depth.float()
-        key_len = int(lengths.max()) + N
-        # committed prefix visible to every node; the nodes see each other through tree_mask
-        visible = torch.arange(key_len, device=self.device)[None, None, :] < lengths[:, None, None]
-        visible = visible.expand(B, N, key_len).clone()                           # [B, N, K]
-        visible.scatter_(2, slots[:, None, :].expand(B, N, N), tree_mask)
-        group = cfg.num_heads // cfg.num_kv_heads
-        # query heads of one GQA group are folded into the query axis: [B, Hkv, G*N, D]
-        # (an additive float mask: SDPA would convert a bool one again in every layer)
-        visible = visible[:, None, None].expand(B, 1, group, N, key_len).reshape(B, 1, group * N, key_len)
-        mask = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, float("-inf"))
-        if state.visual_bias is not None and bool((state.visual_bias != 0).any()):
-            is_visual = torch.arange(key_len, device=self.device)[None, :] < state.n_visual[:, None]   # [B, K]
-            mask += (is_visual * state.visual_bias[:, None])[:, None, None, :]
+        keys = _TreeKeys(state, tree_mask, cfg.num_heads // cfg.num_kv_heads)
 
         x = self.model.embed(tokens)                                              # [B, N, d]
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
@@ -514,10 +596,8 @@ class TinyVLMTarget:
             q, k, v = layer.qkv_heads(x, cos, sin)
             kv[2 * i][rows, :, slots] = k.transpose(1, 2)                        # [B, N, Hkv, D]
             kv[2 * i + 1][rows, :, slots] = v.transpose(1, 2)
-            qg = q.reshape(B, cfg.num_kv_heads, group * N, cfg.head_dim)
-            attn = F.scaled_dot_product_attention(qg, kv[2 * i, :, :, :key_len], kv[2 * i + 1, :, :, :key_len],
-                                                  attn_mask=mask)
-            x = layer.finish(x, attn.reshape(B, cfg.num_heads, N, cfg.head_dim))
+            attn = keys.attend(q, kv[2 * i], kv[2 * i + 1])
+            x = layer.finish(x, attn)
             if i + 1 in layers:
                 collected[i + 1] = x
         state.tree_size = N

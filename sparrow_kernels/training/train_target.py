@@ -57,6 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch threads (0: auto, 2 when the machine is idle, else 1; re-checked as it runs)")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast (faster only on CPUs with native bf16, e.g. AVX512-BF16/AMX)")
+    p.add_argument("--lr-by-time", action="store_true",
+                   help="with --max-minutes: the cosine schedule follows wall time (whichever of steps and "
+                        "minutes runs out first ends it), so a run on a busy machine still anneals")
+    p.add_argument("--init", default=None,
+                   help="start from the weights of this checkpoint directory (same architecture; fine-tuning)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last if it exists")
     p.add_argument("--export", default=None, help="also copy the final checkpoint to this directory")
     return p.parse_args(argv)
@@ -152,10 +157,12 @@ def set_threads(requested: int) -> None:
     torch.set_num_threads(1 if busy else min(2, os.cpu_count() or 1))
 
 
-def lr_at(step: int, args) -> float:
+def lr_at(step: int, args, minutes: float = 0.0) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    if args.lr_by_time and args.max_minutes > 0:
+        progress = max(progress, min(1.0, minutes / args.max_minutes))
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -179,6 +186,16 @@ def main(argv=None) -> int:
                                   lr=args.lr, betas=(0.9, 0.95))
     step = 0
     last = out / "last"
+    if args.init:
+        from safetensors.torch import load_file
+
+        init = Path(args.init)
+        init_cfg = TinyVLMConfig.from_dict(json.loads((init / "config.json").read_text()))
+        if init_cfg != cfg:
+            raise SystemExit(f"--init {init}: its config.json differs from the requested architecture "
+                             f"({init_cfg} vs {cfg})")
+        model.load_state_dict(load_file(str(init / "model.safetensors")))
+        print(f"initialized from {init}", flush=True)
     if args.resume and (last / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
@@ -201,7 +218,7 @@ def main(argv=None) -> int:
     while step < args.steps:
         frames, ids, mask = make_batch(args.seed, step, args, tok, cfg.patches_per_frame)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr_at(step, args, (time.time() - t_start) / 60)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             logits = model.forward_train(frames, ids)                               # [B, L, V]
         labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
@@ -218,7 +235,7 @@ def main(argv=None) -> int:
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
         if step % 25 == 0:
             set_threads(args.threads)
-            log.write(json.dumps({"step": step, "loss": round(loss.item(), 4), "lr": lr_at(step - 1, args),
+            log.write(json.dumps({"step": step, "loss": round(loss.item(), 4), "lr": optimizer.param_groups[0]["lr"],
                                   "grad_norm": round(float(grad_norm), 3), "tokens_per_s": round(tokens_seen / elapsed),
                                   "minutes": round(elapsed / 60, 2)}) + "\n")
             log.flush()

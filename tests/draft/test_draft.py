@@ -91,6 +91,23 @@ def test_extend_in_chunks_equals_full_forward(B, T, window, n_anchor, gqa, seed)
         assert torch.isfinite(h2[b, :n]).all()
 
 
+@pytest.mark.parametrize("gqa", [(4, 2), (3, 1)])
+def test_full_causal_prefill_of_an_empty_cache_equals_full_forward(gqa):
+    """extend's SDPA path (window <= 0, empty cache, every row full) against window_attn."""
+    draft = make_draft(0, 0, heads=gqa[0], kv_heads=gqa[1], seed=3)
+    tokens, feats = rand_inputs(2, 11, H, 4)
+    valid = torch.tensor([11, 11])
+    full = draft(tokens, feats, valid)
+    with torch.inference_mode():
+        cache = draft.new_cache(2, 16)
+        tight(draft.extend(cache, tokens, feats, valid), full)
+        # the cache it leaves behind serves the next entry as window_attn would
+        more_tok, more_feat = rand_inputs(2, 1, H, 5)
+        nxt = draft.extend(cache, more_tok, more_feat, torch.tensor([1, 1]))
+    both = draft(torch.cat([tokens, more_tok], 1), torch.cat([feats, more_feat], 1), torch.tensor([12, 12]))
+    tight(nxt[:, 0], both[:, 11])
+
+
 def test_batched_rows_equal_single_rows():
     draft = make_draft(window=4, n_anchor=2)
     tokens, feats = rand_inputs(3, 9, H, 5)
@@ -330,7 +347,8 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # ----------------------------------------------------------------------------- committed drafts
-COMMITTED = {"sparrow": False, "vata": False, "visual_kv": True, "none": True, "mtp": True, "mtp_ivsb": True}
+COMMITTED = {"sparrow": False, "vata": False, "vata_mtp": False, "visual_kv": True, "none": True, "mtp": True,
+             "mtp_ivsb": True}
 
 
 def test_committed_drafts_match_the_committed_target():
