@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from sparrow_kernels.data.tokenizer import WordTokenizer
@@ -41,3 +42,26 @@ def test_train_checkpoint_load_and_resume(tmp_path):
     assert json.loads((out / "last" / "meta.json").read_text())["step"] == 32
     records = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert any("eval_caption_facts" in r for r in records)
+
+
+def test_init_starts_from_a_checkpoint_and_rejects_another_architecture(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(SMALL + ["--out", str(first), "--steps", "3"]) == 0
+    from safetensors.torch import load_file
+
+    trained = load_file(str(first / "last" / "model.safetensors"))
+    # lr 0: the fine-tuning run must keep exactly the weights it started from
+    assert main(SMALL + ["--out", str(second), "--steps", "1", "--init", str(first / "last"), "--lr", "0"]) == 0
+    again = load_file(str(second / "last" / "model.safetensors"))
+    assert all(torch.equal(trained[k], again[k]) for k in trained)
+    wider = [a if a != "32" else "64" for a in SMALL[:2]] + SMALL[2:]          # --hidden-size 64
+    with pytest.raises(SystemExit, match="differs from the requested architecture"):
+        main(wider + ["--out", str(tmp_path / "third"), "--steps", "1", "--init", str(first / "last")])
+
+
+def test_lr_by_time_anneals_by_wall_clock():
+    from sparrow_kernels.training.train_target import lr_at
+
+    args = parse_args(SMALL + ["--steps", "1000", "--max-minutes", "10", "--lr-by-time"])
+    assert lr_at(500, args, minutes=10.0) == pytest.approx(args.lr * args.min_lr_ratio)   # time ran out first
+    assert lr_at(500, args, minutes=0.0) == pytest.approx(lr_at(500, parse_args(SMALL + ["--steps", "1000"])))
