@@ -252,9 +252,9 @@ class RowInputs:
 
 
 class HFVideoTarget:
-    """Base of the HF adapters. Subclasses supply `_row_inputs(prompt, row)` (prompt ->
-    `RowInputs`) and `_model_positions(positions [P, B, N])` (the `position_ids` the stock
-    model takes). Batch > 1 is exact: each row is prefilled alone, the caches are merged with
+    """Base of the HF adapters. Subclasses supply the model's inputs for one prompt
+    (`_processor_inputs` / `_direct_inputs`), its positions (`_row_positions`) and
+    `_model_positions(positions [P, B, N])` (the `position_ids` the stock model takes). Batch > 1 is exact: each row is prefilled alone, the caches are merged with
     right padding, and every later forward masks each row's padding and uses its own positions."""
 
     position_rows = 1
@@ -307,8 +307,39 @@ class HFVideoTarget:
         """Final norm + LM head, `[.., H] -> [.., V]` (applied to layer `num_layers` hidden states)."""
         return nn.Sequential(self.model.model.language_model.norm, self.model.lm_head)
 
-    # --------------------------------------------------------------- subclass hooks
+    # --------------------------------------------------------------- inputs
     def _row_inputs(self, prompt: VideoPrompt, row: int) -> RowInputs:
+        """One prompt -> the stock model's keyword inputs on this device, its positions and
+        which positions are text (through the checkpoint's processor when there is one)."""
+        if not isinstance(prompt, VideoPrompt):
+            raise ValueError(f"prompts[{row}] must be a VideoPrompt, got {type(prompt).__name__}")
+        pixels = check_frames(prompt.frames, row)  # [T, 3, H, W] in [0, 1]
+        kwargs = self._processor_inputs(prompt, pixels, row) if self.processor is not None \
+            else self._direct_inputs(prompt, pixels, row)
+        device = self.device
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        kwargs["pixel_values_videos"] = kwargs["pixel_values_videos"].to(self.dtype)
+        input_ids = kwargs["input_ids"]
+        is_video = input_ids[0] == self.video_token_id
+        if not bool(is_video.any()):
+            raise ValueError(f"prompts[{row}]: the processed prompt has no video placeholder token "
+                             f"({self.video_token_id})")
+        positions = self._row_positions(kwargs, is_video)
+        text_mask = ~(is_video | (input_ids[0] == self.image_token_id))
+        return RowInputs(model_kwargs=kwargs, positions=positions, text_mask=text_mask)
+
+    # --------------------------------------------------------------- subclass hooks
+    video_token_id: int
+    image_token_id: int
+
+    def _processor_inputs(self, prompt: VideoPrompt, pixels: torch.Tensor, row: int) -> dict:
+        raise NotImplementedError
+
+    def _direct_inputs(self, prompt: VideoPrompt, pixels: torch.Tensor, row: int) -> dict:
+        raise NotImplementedError
+
+    def _row_positions(self, kwargs: dict, is_video: torch.Tensor) -> torch.Tensor:
+        """Positions `[P, T]` of one prompt (P = position_rows); may add model inputs to kwargs."""
         raise NotImplementedError
 
     def _model_positions(self, positions: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,6 @@ import torch
 from sparrow_kernels.targets.base import VideoPrompt
 from sparrow_kernels.targets.hf_common import (
     HFVideoTarget,
-    RowInputs,
-    check_frames,
     chat_text,
     check_text_ids,
     default_dtype,
@@ -110,23 +108,8 @@ class LlavaOneVisionTarget(HFVideoTarget):
         return cls(model)
 
     # --------------------------------------------------------------- inputs
-    def _row_inputs(self, prompt: VideoPrompt, row: int) -> RowInputs:
-        if not isinstance(prompt, VideoPrompt):
-            raise ValueError(f"prompts[{row}] must be a VideoPrompt, got {type(prompt).__name__}")
-        pixels = check_frames(prompt.frames, row)  # [T, 3, H, W] in [0, 1]
-        kwargs = self._processor_inputs(prompt, pixels, row) if self.processor is not None \
-            else self._direct_inputs(prompt, pixels, row)
-        device = self.device
-        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        kwargs["pixel_values_videos"] = kwargs["pixel_values_videos"].to(self.dtype)
-        input_ids = kwargs["input_ids"]
-        is_video = input_ids[0] == self.video_token_id
-        if not bool(is_video.any()):
-            raise ValueError(f"prompts[{row}]: the processed prompt has no video placeholder token "
-                             f"({self.video_token_id})")
-        positions = torch.arange(input_ids.shape[1], device=device)[None]  # [1, T]
-        text_mask = ~(is_video | (input_ids[0] == self.image_token_id))
-        return RowInputs(model_kwargs=kwargs, positions=positions, text_mask=text_mask)
+    def _row_positions(self, kwargs: dict, is_video: torch.Tensor) -> torch.Tensor:
+        return torch.arange(is_video.shape[0], device=is_video.device)[None]  # [1, T]
 
     def _direct_inputs(self, prompt: VideoPrompt, pixels: torch.Tensor, row: int) -> dict:
         if prompt.prompt_ids is None:

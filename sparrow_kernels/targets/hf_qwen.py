@@ -15,8 +15,6 @@ import torch
 from sparrow_kernels.targets.base import VideoPrompt
 from sparrow_kernels.targets.hf_common import (
     HFVideoTarget,
-    RowInputs,
-    check_frames,
     chat_text,
     check_text_ids,
     default_dtype,
@@ -139,26 +137,13 @@ class QwenVLTarget(HFVideoTarget):
         return cls(model)
 
     # --------------------------------------------------------------- inputs
-    def _row_inputs(self, prompt: VideoPrompt, row: int) -> RowInputs:
-        if not isinstance(prompt, VideoPrompt):
-            raise ValueError(f"prompts[{row}] must be a VideoPrompt, got {type(prompt).__name__}")
-        pixels = check_frames(prompt.frames, row)  # [T, 3, H, W] in [0, 1]
-        kwargs = self._processor_inputs(prompt, pixels, row) if self.processor is not None \
-            else self._direct_inputs(prompt, pixels, row)
-        device = self.device
-        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        kwargs["pixel_values_videos"] = kwargs["pixel_values_videos"].to(self.dtype)
-        input_ids = kwargs["input_ids"]
-        is_video = input_ids[0] == self.video_token_id
-        if not bool(is_video.any()):
-            raise ValueError(f"prompts[{row}]: the processed prompt has no video placeholder token "
-                             f"({self.video_token_id})")
+    def _row_positions(self, kwargs: dict, is_video: torch.Tensor) -> torch.Tensor:
+        """M-RoPE positions `[3, T]` (temporal, height, width) from the stock get_rope_index."""
         kwargs["mm_token_type_ids"] = torch.where(is_video, 2, 0).to(torch.long)[None]  # [1, T]
         positions, _ = self.model.model.get_rope_index(
-            input_ids, mm_token_type_ids=kwargs["mm_token_type_ids"], video_grid_thw=kwargs["video_grid_thw"],
+            kwargs["input_ids"], mm_token_type_ids=kwargs["mm_token_type_ids"], video_grid_thw=kwargs["video_grid_thw"],
             second_per_grid_ts=kwargs.get("second_per_grid_ts"))  # [3, 1, T]
-        text_mask = ~(is_video | (input_ids[0] == self.image_token_id))
-        return RowInputs(model_kwargs=kwargs, positions=positions[:, 0], text_mask=text_mask)
+        return positions[:, 0]
 
     def _direct_inputs(self, prompt: VideoPrompt, pixels: torch.Tensor, row: int) -> dict:
         if prompt.prompt_ids is None:

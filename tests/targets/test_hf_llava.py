@@ -13,28 +13,20 @@ from sparrow_kernels.targets import load_target
 from sparrow_kernels.targets.base import Target, VideoPrompt
 from sparrow_kernels.targets.hf_llava import LlavaOneVisionTarget, llava_video_token_count
 from tests.targets.hf_cases import (
+    SIZES,
     check_tree_matches_paths,
     random_frames,
     random_parents,
     random_prompt,
     speculative_walk,
     stock_generate,
+    tiny_target,
 )
 
 torch.set_num_threads(1)
 
-SIZES = {
-    "odd-layers-gqa3-hd16": dict(num_layers=3, num_heads=3, num_kv_heads=1, head_dim=16),
-    "gqa3-hd24": dict(num_layers=2, num_heads=6, num_kv_heads=2, head_dim=24),
-}
-_CACHE: dict = {}
-
-
 def make_target(attn: str = "sdpa", sizes: str = "odd-layers-gqa3-hd16", seed: int = 0) -> LlavaOneVisionTarget:
-    key = (attn, sizes, seed)
-    if key not in _CACHE:
-        _CACHE[key] = LlavaOneVisionTarget.tiny_random(seed=seed, attn_implementation=attn, **SIZES[sizes])
-    return _CACHE[key]
+    return tiny_target(LlavaOneVisionTarget, attn, sizes, seed)
 
 
 def test_is_a_target():

@@ -3,7 +3,6 @@ hidden sizes spanning several column blocks, layers given as strided views, padd
 Exact equality with the reference (a gather is a copy)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -13,12 +12,9 @@ from hypothesis import strategies as st
 from sparrow_kernels import reference
 from tests.ops.helpers import poison_allocator
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-if not HAS_CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it)",
-                allow_module_level=True)
-pytestmark = [pytest.mark.cuda] if HAS_CUDA else []
+from tests.triton.helpers import CUDA_MARKS, DEVICE, HAS_CUDA  # noqa: E402  (skips without GPU/interpreter)
+
+pytestmark = CUDA_MARKS
 
 from sparrow_kernels import triton_ops  # noqa: E402  (after the interpreter switch)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 
 import pytest
 import torch
@@ -18,12 +17,9 @@ from sparrow_kernels import reference
 from tests.ops.helpers import (ancestor_mask, assert_within_low_precision_error, branch, depths, poison_allocator,
                                random_parents, window_attn_low_precision)
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-if not HAS_CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it)",
-                allow_module_level=True)
-pytestmark = [pytest.mark.cuda] if HAS_CUDA else []
+from tests.triton.helpers import CUDA_MARKS, DEVICE, HAS_CUDA  # noqa: E402  (skips without GPU/interpreter)
+
+pytestmark = CUDA_MARKS
 
 from sparrow_kernels import triton_ops  # noqa: E402  (after the interpreter switch)
 
