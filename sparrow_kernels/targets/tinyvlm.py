@@ -436,6 +436,17 @@ class TinyVLMTarget:
     def visual_tokens_for(self, num_frames: int) -> int:
         return int(num_frames) * self.config.patches_per_frame
 
+    def prompt_lengths(self, prompts: Sequence[VideoPrompt]) -> list[int]:
+        """Tokens each prompt will occupy after prefill (visual + text), without running it;
+        the engine sizes the KV cache from this."""
+        lengths = []
+        for i, p in enumerate(prompts):
+            frames = p.frames
+            if not isinstance(frames, torch.Tensor) or frames.dim() != 4:
+                raise ValueError(f"prompts[{i}].frames must be a tensor [T, H, W, 3]")
+            lengths.append(self.visual_tokens_for(frames.shape[0]) + len(self._prompt_ids(i, p)))
+        return lengths
+
     def frames_for(self, visual_tokens: int) -> int:
         """Frames whose visual tokens come closest to `visual_tokens` (at least 1)."""
         return max(1, round(visual_tokens / self.config.patches_per_frame))

@@ -248,6 +248,19 @@ def test_capacity_errors_before_anything_is_written(target):
     assert out.tokens == autoregressive_generate(target, prompts, 6, eos_token_ids=[], capacity=L + 5).tokens
 
 
+def test_capacity_defaults_to_the_exact_prompt_lengths(target):
+    """Without capacity=, a target that counts its prompts gets a cache sized to them, so a
+    prompt longer than max_context still runs (and equals plain greedy decoding)."""
+    prompts = vlm_prompts(target, 2, seed=3)
+    lengths = target.prompt_lengths(prompts)
+    assert lengths == [prompt_length(target, p) for p in prompts]
+    assert lengths == target.prefill(prompts, [], max(lengths) + 1).lengths.tolist()
+    draft = random_draft(target)
+    short = SparrowGenerator(target, draft, **TREES["small_tree"], max_context=4)
+    got = short.generate(prompts, 6, eos_token_ids=[])
+    assert got.tokens == autoregressive_generate(target, prompts, 6, eos_token_ids=[], max_context=4).tokens
+
+
 # ----------------------------------------------------------------------------- streaming, stats, errors
 def test_stream_yields_the_generate_tokens_step_by_step(target):
     prompts = vlm_prompts(target, 3, seed=12)
