@@ -74,8 +74,34 @@ def load_drafts(args, target):
 
 
 def capacity_for(target, prompt, max_new):
-    """KV slots per row: visual tokens + prompt text (generous) + answer + the largest tree."""
-    return target.visual_tokens_for(prompt.frames.shape[0]) + 256 + max_new + 128
+    """KV slots per row: the prompt + answer + the largest tree."""
+    return target.prompt_lengths([prompt])[0] + max_new + 128
+
+
+CAPTION_REQUEST = "Describe the video in detail."
+
+
+def video_prompt(target, visual_tokens: int, index: int):
+    """Held-out synthetic video `index` sampled densely enough for about `visual_tokens`
+    visual tokens, with the detailed-caption request. The tiny LM knows its own token
+    budget; for an HF target the tokens per frame are measured through its preprocessing
+    (its processor resizes the frames; without one, a few fixed text ids stand in)."""
+    from sparrow_kernels.data.synthetic import VideoWorld, heldout_seed
+    from sparrow_kernels.targets.base import VideoPrompt
+
+    world = VideoWorld(heldout_seed(1000 + index))
+    if hasattr(target, "frames_for"):
+        return target.make_prompt(world.render(target.frames_for(visual_tokens)))
+
+    def prompt(frames):
+        if target.tokenizer is not None:
+            return VideoPrompt(frames=frames, prompt=CAPTION_REQUEST)
+        return VideoPrompt(frames=frames, prompt_ids=torch.arange(4, 12))
+
+    two, four = target.prompt_lengths([prompt(world.render(2)), prompt(world.render(4))])
+    per_frame = max(1, (four - two) // 2)                           # even counts: temporal patches of 2
+    frames = max(2, 2 * round((visual_tokens - (two - 2 * per_frame)) / (2 * per_frame)))
+    return prompt(world.render(frames))
 
 
 def run_setting(target, drafts, tree, prompt, max_new, temperature, seed, repeats: int = 1):
@@ -170,8 +196,6 @@ def main(argv=None):
     videos = 1 if args.quick else args.videos
     tree = tree_settings(args, device)
     main_drafts = {n: d for n, d in drafts.items() if n in METHODS or not args.ablations}
-    from sparrow_kernels.data.synthetic import VideoWorld, heldout_seed
-
     meta = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
             "tree": tree, "max_new_tokens": args.max_new_tokens, "videos": videos, "repeats": args.repeats,
@@ -183,8 +207,7 @@ def main(argv=None):
         for L in lengths:
             per_video = []
             for i in range(videos):
-                frames = VideoWorld(heldout_seed(1000 + i)).render(target.frames_for(L))
-                prompt = target.make_prompt(frames)
+                prompt = video_prompt(target, L, i)
                 repeats = args.repeats if L <= args.repeat_max_visual else 1
                 per_video.append(run_setting(target, main_drafts, tree, prompt, args.max_new_tokens, temp, seed=i,
                                              repeats=repeats))
@@ -204,7 +227,7 @@ def main(argv=None):
         for L in abl_lengths:
             per_video = []
             for i in range(videos):
-                prompt = target.make_prompt(VideoWorld(heldout_seed(1000 + i)).render(target.frames_for(L)))
+                prompt = video_prompt(target, L, i)
                 per_video.append(run_setting(target, abl, tree, prompt, args.max_new_tokens, 0.0, seed=i))
             ablation[str(L)] = {m: r["tau"] for m, r in aggregate(per_video).items() if m != "autoregressive"}
         print("ablation (tau, greedy): " + json.dumps(ablation))

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -24,3 +26,27 @@ def test_e2e_quick_run_writes_results(tmp_path):
         assert 1.0 <= row["tau"] <= 1 + data["meta"]["tree"]["depth"] + 1
     assert rows["autoregressive"]["tau"] == 1.0 and rows["autoregressive"]["draft_s"] == 0.0
     assert data["meta"]["repeats"] == 2
+
+
+def test_e2e_runs_on_an_hf_checkpoint_directory(tmp_path):
+    """`--target DIR --draft NAME=DIR`: a tiny random Qwen2.5-VL saved like a real checkpoint
+    and a random draft for it; the study runs and stays lossless."""
+    from sparrow_kernels.draft import DraftConfig, SparrowDraft
+    from sparrow_kernels.targets import load_target
+    from sparrow_kernels.targets.hf_qwen import QwenVLTarget
+
+    target_dir, draft_dir, out = tmp_path / "qwen", tmp_path / "draft", tmp_path / "out"
+    QwenVLTarget.tiny_random(seed=0, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16).model.save_pretrained(
+        target_dir)
+    target = load_target(str(target_dir))
+    cfg = DraftConfig(hidden_size=target.hidden_size, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=48,
+                      vocab_size=target.vocab_size, feature_layers=(target.num_layers,), window=16, n_anchor=2)
+    torch.manual_seed(0)
+    SparrowDraft.from_target(cfg, target).save(draft_dir)
+    prompt = e2e.video_prompt(target, 40, 0)
+    assert abs(target.prompt_lengths([prompt])[0] - 40) < 30                  # about the asked visual tokens
+    assert e2e.main(["--target", str(target_dir), "--draft", f"random={draft_dir}", "--visual-tokens", "40",
+                     "--temperatures", "0", "--videos", "1", "--max-new-tokens", "6", "--total-tokens", "5",
+                     "--depth", "2", "--top-k", "2", "--out", str(out)]) == 0
+    rows = json.loads((out / "e2e.json").read_text())["results"]["0.0"]["40"]
+    assert rows["random"]["all_same_as_ar"] is True and rows["random"]["tokens"] >= 1

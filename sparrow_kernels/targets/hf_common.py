@@ -328,6 +328,11 @@ class HFVideoTarget:
         text_mask = ~(is_video | (input_ids[0] == self.image_token_id))
         return RowInputs(model_kwargs=kwargs, positions=positions, text_mask=text_mask)
 
+    def prompt_lengths(self, prompts: Sequence[VideoPrompt]) -> list[int]:
+        """Tokens each prompt occupies after prefill (video placeholders + text), from the
+        preprocessing alone (no model forward); the engine sizes the KV cache from this."""
+        return [int(self._row_inputs(p, i).input_ids.shape[1]) for i, p in enumerate(prompts)]
+
     # --------------------------------------------------------------- subclass hooks
     video_token_id: int
     image_token_id: int
