@@ -59,7 +59,11 @@ class TreeOutput:
 class Target(Protocol):
     """What a target must provide. Layers are numbered 0..num_layers where 0 is the
     embedding output and num_layers the last decoder layer's (pre final-norm) output,
-    as in HF `output_hidden_states`."""
+    as in HF `output_hidden_states`.
+
+    Optional: `prompt_lengths(prompts) -> list[int]`, the tokens each prompt occupies after
+    prefill, computed without a forward; when present the engine sizes the KV cache exactly
+    (both built-in target families provide it)."""
 
     num_layers: int
     hidden_size: int
