@@ -73,11 +73,6 @@ def load_drafts(args, target):
     return {name: SparrowDraft.load(path, target).to(target.device) for name, path in specs.items()}
 
 
-def capacity_for(target, prompt, max_new):
-    """KV slots per row: the prompt + answer + the largest tree."""
-    return target.prompt_lengths([prompt])[0] + max_new + 128
-
-
 CAPTION_REQUEST = "Describe the video in detail."
 
 
@@ -111,7 +106,6 @@ def run_setting(target, drafts, tree, prompt, max_new, temperature, seed, repeat
     equality check against autoregressive decoding."""
     from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
 
-    cap = capacity_for(target, prompt, max_new)
     rows: dict = {}
 
     def keep(name, row):
@@ -119,11 +113,11 @@ def run_setting(target, drafts, tree, prompt, max_new, temperature, seed, repeat
             rows[name] = row
 
     for _ in range(max(1, repeats)):
-        ar = autoregressive_generate(target, [prompt], max_new, temperature=temperature, seed=seed, capacity=cap)
+        ar = autoregressive_generate(target, [prompt], max_new, temperature=temperature, seed=seed)
         keep("autoregressive", {**ar.stats.as_dict(), "tokens": len(ar.tokens[0]), "same_as_ar": True})
         for name, draft in drafts.items():
             gen = SparrowGenerator(target, draft, **tree)
-            res = gen.generate([prompt], max_new, temperature=temperature, seed=seed, capacity=cap)
+            res = gen.generate([prompt], max_new, temperature=temperature, seed=seed)
             keep(name, {**res.stats.as_dict(), "tokens": len(res.tokens[0]),
                         "same_as_ar": res.tokens[0] == ar.tokens[0]})
     return rows

@@ -218,18 +218,11 @@ def _rows(op, case, times, nbytes, bw):
 
 def random_linked_tree(B, N, gen):
     """Random tree in linked-list layout with node 0 the root."""
-    parent = [[-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, N)] for _ in range(B)]
-    next_token = torch.full((B, N), -1, dtype=torch.int64)
-    next_sibling = torch.full((B, N), -1, dtype=torch.int64)
-    for b in range(B):
-        last_child = {}
-        for i in range(1, N):
-            p = parent[b][i]
-            if p in last_child:
-                next_sibling[b, last_child[p]] = i
-            else:
-                next_token[b, p] = i
-            last_child[p] = i
+    from sparrow_kernels.tree import tree_layout
+
+    parents = torch.tensor([[-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, N)]
+                            for _ in range(B)], dtype=torch.int64)
+    _, _, next_token, next_sibling = tree_layout(parents)
     return next_token, next_sibling
 
 

@@ -120,13 +120,11 @@ def cmd_demo(args) -> int:
           f"device {device}, tree {tree}")
     print(f"ground truth: {world.caption}")
 
-    capacity = target.visual_tokens_for(frames) + 256 + max_new + 128
     ar = autoregressive_generate(target, [prompt], max_new, temperature=args.temperature, seed=args.seed,
-                                 tokenizer=target.tokenizer, capacity=capacity)
+                                 tokenizer=target.tokenizer)          # KV cache sized from prompt_lengths
     gen = SparrowGenerator(target, draft, tokenizer=target.tokenizer, **tree)
     print("sparrow     : ", end="", flush=True)
-    last, ids = _stream_text(gen.stream([prompt], max_new, temperature=args.temperature, seed=args.seed,
-                                        capacity=capacity),
+    last, ids = _stream_text(gen.stream([prompt], max_new, temperature=args.temperature, seed=args.seed),
                              _decoder(target))
     st = last.stats
     print(_speed_line("autoregressive", ar.stats, len(ar.tokens[0])))

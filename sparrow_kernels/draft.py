@@ -276,8 +276,15 @@ class SparrowDraft(nn.Module):
         if cache.batch_size != B:
             raise ValueError(f"SparrowDraft: cache was made for batch {cache.batch_size}, got inputs of batch {B}")
 
-    def _write(self, cache: DraftCache, k: Tensor, v: Tensor, slots: Tensor, keep: Tensor) -> None:
-        """Store k, v `[B, Hkv, T, D]` at cache slots `slots [B, T]` where `keep [B, T]`."""
+    def _write(self, cache: DraftCache, k: Tensor, v: Tensor, slots: Tensor, keep: Tensor | None = None) -> None:
+        """Store k, v `[B, Hkv, T, D]` at cache slots `slots [B, T]` where `keep [B, T]`
+        (None: every entry, without the nonzero pass)."""
+        if keep is None:
+            B, T = slots.shape
+            rows = torch.arange(B, device=slots.device)[:, None].expand(B, T)
+            cache.k[rows, :, slots] = k.transpose(1, 2).to(cache.k.dtype)
+            cache.v[rows, :, slots] = v.transpose(1, 2).to(cache.v.dtype)
+            return
         rows, cols = keep.nonzero(as_tuple=True)                                     # [N], [N]
         cache.k[rows, :, slots[rows, cols]] = k.transpose(1, 2)[rows, cols].to(cache.k.dtype)
         cache.v[rows, :, slots[rows, cols]] = v.transpose(1, 2)[rows, cols].to(cache.v.dtype)
@@ -347,9 +354,7 @@ class SparrowDraft(nn.Module):
         x = self.input_states(tokens.clamp(0, cfg.vocab_size - 1), prev_hidden)     # [B, K, H]
         q, k, v = self.qkv(x, positions)
         node_slots = cache.lengths[:, None] + cache.scratch_len + torch.arange(K, device=self.device)  # [B, K]
-        rows = torch.arange(B, device=self.device)[:, None].expand(B, K)            # every node is stored
-        cache.k[rows, :, node_slots] = k.transpose(1, 2).to(cache.k.dtype)
-        cache.v[rows, :, node_slots] = v.transpose(1, 2).to(cache.v.dtype)
+        self._write(cache, k, v, node_slots)                                         # every node is stored
         scratch_pos = positions if cache.scratch_pos is None else torch.cat([cache.scratch_pos, positions], 1)
         cache.scratch_pos, cache.scratch_len = scratch_pos, M                        # [B, M]
 

@@ -14,7 +14,7 @@ import torch
 import sparrow_kernels  # noqa: F401  (loads the ops)
 from sparrow_kernels import backend, reference
 from tests.ops.helpers import (assert_close_fp32, assert_within_low_precision_error, poisoned_outputs,
-                               random_parents, window_attn_low_precision)
+                               random_parents, tree_links, window_attn_low_precision)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -246,38 +246,22 @@ def test_gather_hidden_strided_layers_and_bad_indices_give_zero_rows():
 
 
 # ----------------------------------------------------------------------------- tree verification
+def _linked(parents_per_row):
+    """next_token, next_sibling [B, N] from per-row parent lists (tests/ops/helpers.tree_links)."""
+    links = [tree_links(parents) for parents in parents_per_row]
+    return (torch.tensor([first for first, _ in links], dtype=torch.int64),
+            torch.tensor([sibling for _, sibling in links], dtype=torch.int64))
+
+
 def random_trees(B, N, gen):
     """next_token, next_sibling [B, N] of random trees in topological order."""
-    next_token = torch.full((B, N), -1, dtype=torch.int64)
-    next_sibling = torch.full((B, N), -1, dtype=torch.int64)
-    for b in range(B):
-        last_child = {}
-        for i, parent in enumerate(random_parents(N, gen)):
-            if parent == -1:
-                continue
-            if parent in last_child:
-                next_sibling[b, last_child[parent]] = i
-            else:
-                next_token[b, parent] = i
-            last_child[parent] = i
-    return next_token, next_sibling
+    return _linked([random_parents(N, gen) for _ in range(B)])
 
 
 def chain_heavy_tree(B, N, gen):
     """Trees whose nodes have a few children each (like EAGLE-2 top-k trees), so paths are long."""
-    parents = [[-1] + [max(0, i - 1 - int(torch.randint(0, 3, (1,), generator=gen))) for i in range(1, N)]
-               for _ in range(B)]
-    next_token = torch.full((B, N), -1, dtype=torch.int64)
-    next_sibling = torch.full((B, N), -1, dtype=torch.int64)
-    for b, par in enumerate(parents):
-        last_child = {}
-        for i in range(1, N):
-            if par[i] in last_child:
-                next_sibling[b, last_child[par[i]]] = i
-            else:
-                next_token[b, par[i]] = i
-            last_child[par[i]] = i
-    return next_token, next_sibling
+    return _linked([[-1] + [max(0, i - 1 - int(torch.randint(0, 3, (1,), generator=gen))) for i in range(1, N)]
+                    for _ in range(B)])
 
 
 @pytest.mark.parametrize("B,N", [(1, 64), (16, 30), (3, 1), (2, 600)])
