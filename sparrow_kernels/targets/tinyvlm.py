@@ -44,6 +44,8 @@ class TinyVLMConfig:
     visual_rope_span: float = 32.0      # visual RoPE position = t * span
     text_position_start: float = 33.0   # first text token's RoPE position
     fourier_features: int = 8           # sin/cos pairs of t added to visual embeddings
+    vision_stem_channels: int = 0       # > 0: a full-resolution 3x3 conv stem (this many
+                                        # channels, GELU) before the patch conv; 0: none
     visual_reference_frames: int = 0    # > 0: text queries see visual keys with a bias of
                                         # -log(max(1, frames / this)), so a densely sampled long
                                         # video carries the attention mass of a `this`-frame one
@@ -110,8 +112,9 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: TinyVLMConfig):
         super().__init__()
         self.cfg = cfg
-        d, p = cfg.hidden_size, cfg.patch_size
-        self.patch_conv = nn.Conv2d(6, d, kernel_size=2 * p, stride=p, padding=p // 2)
+        d, p, c = cfg.hidden_size, cfg.patch_size, cfg.vision_stem_channels
+        self.stem = nn.Sequential(nn.Conv2d(6, c, kernel_size=3, padding=1), nn.GELU()) if c > 0 else None
+        self.patch_conv = nn.Conv2d(c if c > 0 else 6, d, kernel_size=2 * p, stride=p, padding=p // 2)
         self.patch_mlp = nn.Sequential(nn.GELU(), nn.Linear(d, d))
         self.spatial = nn.Parameter(torch.randn(cfg.patches_per_frame, d) * 0.02)
         self.time_proj = nn.Linear(2 * cfg.fourier_features, d)
@@ -122,7 +125,10 @@ class VisionEncoder(nn.Module):
         lag = 0 if T == 1 else max(1, round(self.cfg.motion_delta * (T - 1)))
         prev_index = (torch.arange(T, device=frames.device) - lag).clamp(min=0)
         x = torch.cat([frames * 2 - 1, (frames - frames[:, prev_index]) * 2], dim=-1)   # [B, T, S, S, 6]
-        x = self.patch_conv(x.reshape(B * T, S, S, 6).permute(0, 3, 1, 2))               # [B*T, d, S/p, S/p]
+        x = x.reshape(B * T, S, S, 6).permute(0, 3, 1, 2)                                # [B*T, 6, S, S]
+        if self.stem is not None:
+            x = self.stem(x)
+        x = self.patch_conv(x)                                                           # [B*T, d, S/p, S/p]
         x = x.flatten(2).transpose(1, 2).reshape(B, T, -1, self.cfg.hidden_size)         # [B, T, P, d]
         emb = self.patch_mlp(x) + self.spatial
         freqs = math.pi * 2.0 ** torch.arange(self.cfg.fourier_features, device=frames.device)

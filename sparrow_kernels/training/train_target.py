@@ -37,6 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-tokens", type=int, default=3072, help="approximate tokens per batch")
     p.add_argument("--min-frames", type=int, default=4)
     p.add_argument("--max-frames", type=int, default=16)
+    p.add_argument("--qa-min", type=int, default=1, help="fewest QA turns per training video")
+    p.add_argument("--qa-max", type=int, default=3, help="most QA turns per training video")
+    p.add_argument("--caption-prob", type=float, default=0.75,
+                   help="probability that a training video's text includes its caption")
+    p.add_argument("--vision-stem-channels", type=int, default=0,
+                   help="channels of a full-resolution 3x3 conv stem in the vision encoder (0: none)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=150)
@@ -69,13 +75,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- data
 
-def make_sample(seed: int, num_frames: int, rng: random.Random, tok: WordTokenizer):
+def make_sample(seed: int, num_frames: int, rng: random.Random, tok: WordTokenizer,
+                qa_turns: tuple[int, int] = (1, 3), caption_prob: float = 0.75):
     """(frames [T, 32, 32, 3] uint8, text ids [L], loss mask [L]) for one training video:
-    its caption and/or a few QA turns, in random order; loss on the answers only."""
+    its caption (with probability `caption_prob`) and `qa_turns` (min, max) QA turns, in
+    random order; loss on the answers only. More turns per video give more supervised
+    tokens per visual token computed (visual tokens dominate the cost)."""
     world = VideoWorld(seed)
     qa = world.qa_pairs()
-    turns = rng.sample(qa, k=min(len(qa), rng.randint(1, 3)))
-    if rng.random() < 0.75:
+    turns = rng.sample(qa, k=min(len(qa), rng.randint(*qa_turns)))
+    if rng.random() < caption_prob:
         turns.insert(rng.randint(0, len(turns)) if rng.random() < 0.5 else 0, (CAPTION_QUESTION, world.caption))
     ids, mask = [tok.bos_id], [0]
     for question, answer in turns:
@@ -91,8 +100,11 @@ def make_batch(run_seed: int, step: int, args, tok: WordTokenizer, patches_per_f
     `batch_tokens`. Returns frames [B, T, S, S, 3] uint8, ids [B, L], mask [B, L]."""
     rng = random.Random(run_seed * 1_000_003 + step)
     num_frames = rng.randint(args.min_frames, args.max_frames)
-    batch_size = max(2, args.batch_tokens // (num_frames * patches_per_frame + 60))
-    samples = [make_sample(rng.randrange(10**9), num_frames, rng, tok) for _ in range(batch_size)]
+    text_tokens = 16 + 12 * (args.qa_min + args.qa_max) // 2 + 40 * args.caption_prob
+    batch_size = max(2, int(args.batch_tokens // (num_frames * patches_per_frame + text_tokens)))
+    turns = (args.qa_min, args.qa_max)
+    samples = [make_sample(rng.randrange(10**9), num_frames, rng, tok, turns, args.caption_prob)
+               for _ in range(batch_size)]
     L = max(len(s[1]) for s in samples)
     ids = torch.full((batch_size, L), tok.pad_id, dtype=torch.long)
     mask = torch.zeros(batch_size, L, dtype=torch.bool)
@@ -177,6 +189,7 @@ def main(argv=None) -> int:
                         num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.hidden_size // args.heads,
                         intermediate_size=args.intermediate_size, pad_token_id=tok.pad_id,
                         visual_reference_frames=args.visual_reference_frames,
+                        vision_stem_channels=args.vision_stem_channels,
                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, video_token_id=tok.video_id)
     model = TinyVLM(cfg)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]

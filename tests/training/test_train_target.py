@@ -28,17 +28,43 @@ def test_batches_are_a_function_of_seed_and_step():
     assert not mask[ids == tok.pad_id].any()                                 # no loss on padding
 
 
+@pytest.mark.parametrize("qa_min,qa_max,caption_prob", [(0, 0, 1.0), (2, 4, 0.0), (1, 6, 0.5)])
+def test_sample_holds_the_requested_turns(qa_min, qa_max, caption_prob):
+    import random
+
+    from sparrow_kernels.data.synthetic import CAPTION_QUESTION, VideoWorld
+    from sparrow_kernels.training.train_target import make_sample
+
+    tok = WordTokenizer.from_grammar()
+    question_id = tok.encode("question:")[0]
+    caption_ids = tok.encode(CAPTION_QUESTION)
+    for seed in range(12):
+        frames, ids, mask = make_sample(seed, 3, random.Random(seed), tok, (qa_min, qa_max), caption_prob)
+        world = VideoWorld(seed)
+        turns = ids.count(question_id)
+        has_caption = any(ids[i:i + len(caption_ids)] == caption_ids for i in range(len(ids)))
+        n_qa = turns - has_caption
+        assert min(qa_min, len(world.qa_pairs())) <= n_qa <= qa_max
+        if caption_prob == 1.0:
+            assert has_caption and tok.decode([t for t, m in zip(ids, mask) if m]).startswith(world.caption)
+        if caption_prob == 0.0:
+            assert not has_caption
+        assert frames.shape == (3, 32, 32, 3) and len(ids) == len(mask) and sum(mask) > 0
+
+
 def test_train_checkpoint_load_and_resume(tmp_path):
     out = tmp_path / "run"
     export = tmp_path / "export"
-    assert main(SMALL + ["--out", str(out), "--steps", "30", "--export", str(export)]) == 0
+    assert main(SMALL + ["--out", str(out), "--steps", "30", "--export", str(export),
+                         "--vision-stem-channels", "4", "--qa-min", "2", "--qa-max", "4"]) == 0
     losses = [json.loads(l)["loss"] for l in (out / "log.jsonl").read_text().splitlines() if '"loss"' in l]
     first_loss = float(torch.log(torch.tensor(59.0)))                         # uniform over the vocabulary
     assert losses and losses[-1] < first_loss - 1.0
     target = TinyVLMTarget.load(export)
     assert target.hidden_size == 32 and target.num_layers == 1 and target.tokenizer is not None
+    assert target.model.cfg.vision_stem_channels == 4
     assert json.loads((out / "last" / "meta.json").read_text())["step"] == 30
-    assert main(SMALL + ["--out", str(out), "--steps", "32", "--resume"]) == 0
+    assert main(SMALL + ["--out", str(out), "--steps", "32", "--resume", "--vision-stem-channels", "4"]) == 0
     assert json.loads((out / "last" / "meta.json").read_text())["step"] == 32
     records = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert any("eval_caption_facts" in r for r in records)
