@@ -48,6 +48,8 @@ def parse_args(argv=None):
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads for every method (0: torch's default / OMP_NUM_THREADS)")
     ap.add_argument("--quick", action="store_true", help="one short length, one video, greedy only")
     ap.add_argument("--out", default=str(HERE / "results"), help="directory for e2e.json and the plots")
     return ap.parse_args(argv)
@@ -179,6 +181,8 @@ def main(argv=None):
     args = parse_args(argv)
     from sparrow_kernels.targets import load_target
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     target = load_target(args.target, device=device)
