@@ -44,9 +44,8 @@ class TinyVLMConfig:
     visual_rope_span: float = 32.0      # visual RoPE position = t * span
     text_position_start: float = 33.0   # first text token's RoPE position
     fourier_features: int = 8           # sin/cos pairs of t added to visual embeddings
-    vision_cnn_channels: int = 0        # > 0: a small CNN (3x3 convs at full, 1/2 and 1/4
-                                        # resolution with c, 2c, 4c channels) before the patch
-                                        # conv; 0: the patch conv reads the pixels directly
+    vision_stem_channels: int = 0       # > 0: a full-resolution 3x3 conv stem (this many
+                                        # channels, GELU) before the patch conv; 0: none
     visual_reference_frames: int = 0    # > 0: text queries see visual keys with a bias of
                                         # -log(max(1, frames / this)), so a densely sampled long
                                         # video carries the attention mass of a `this`-frame one
@@ -105,29 +104,17 @@ class RMSNorm(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """Frames -> visual embeddings, one token per patch. Input channels are RGB and the RGB
-    difference to the frame `motion_delta` of the video earlier. Without a CNN each token
-    reads a window of 2x2 patches centred on its patch (kernel 2p, stride p), so every object
-    fits whole inside some token's window. With `vision_cnn_channels` c > 0, three 3x3 conv
-    layers (c at full resolution, 2c at 1/2, 4c at 1/4) come first and a 4x4 conv of stride
-    p/4 over the 1/4-resolution map makes the tokens (the same 2x2-patch windows)."""
+    """Frames -> visual embeddings, one token per patch. Each token reads a window of
+    2x2 patches centred on its patch (kernel 2p, stride p), so every object fits whole
+    inside some token's window; channels are RGB and the RGB difference to the frame
+    `motion_delta` earlier."""
 
     def __init__(self, cfg: TinyVLMConfig):
         super().__init__()
         self.cfg = cfg
-        d, p, c = cfg.hidden_size, cfg.patch_size, cfg.vision_cnn_channels
-        if c > 0:
-            if p % 4:
-                raise ValueError(f"vision_cnn_channels needs patch_size divisible by 4, got {p}")
-            self.cnn = nn.Sequential(
-                nn.Conv2d(6, c, 3, padding=1), nn.GELU(),
-                nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.GELU(),
-                nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), nn.GELU())
-            q = p // 4                                   # patch size on the 1/4-resolution map
-            self.patch_conv = nn.Conv2d(4 * c, d, kernel_size=2 * q, stride=q, padding=q // 2)
-        else:
-            self.cnn = None
-            self.patch_conv = nn.Conv2d(6, d, kernel_size=2 * p, stride=p, padding=p // 2)
+        d, p, c = cfg.hidden_size, cfg.patch_size, cfg.vision_stem_channels
+        self.stem = nn.Sequential(nn.Conv2d(6, c, kernel_size=3, padding=1), nn.GELU()) if c > 0 else None
+        self.patch_conv = nn.Conv2d(c if c > 0 else 6, d, kernel_size=2 * p, stride=p, padding=p // 2)
         self.patch_mlp = nn.Sequential(nn.GELU(), nn.Linear(d, d))
         self.spatial = nn.Parameter(torch.randn(cfg.patches_per_frame, d) * 0.02)
         self.time_proj = nn.Linear(2 * cfg.fourier_features, d)
@@ -139,8 +126,8 @@ class VisionEncoder(nn.Module):
         prev_index = (torch.arange(T, device=frames.device) - lag).clamp(min=0)
         x = torch.cat([frames * 2 - 1, (frames - frames[:, prev_index]) * 2], dim=-1)   # [B, T, S, S, 6]
         x = x.reshape(B * T, S, S, 6).permute(0, 3, 1, 2)                                # [B*T, 6, S, S]
-        if self.cnn is not None:
-            x = self.cnn(x)
+        if self.stem is not None:
+            x = self.stem(x)
         x = self.patch_conv(x)                                                           # [B*T, d, S/p, S/p]
         x = x.flatten(2).transpose(1, 2).reshape(B, T, -1, self.cfg.hidden_size)         # [B, T, P, d]
         emb = self.patch_mlp(x) + self.spatial

@@ -41,8 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--qa-max", type=int, default=3, help="most QA turns per training video")
     p.add_argument("--caption-prob", type=float, default=0.75,
                    help="probability that a training video's text includes its caption")
-    p.add_argument("--vision-cnn-channels", type=int, default=0,
-                   help="width c of a small CNN (c, 2c, 4c channels) before the patch conv (0: none)")
+    p.add_argument("--vision-stem-channels", type=int, default=0,
+                   help="channels of a full-resolution 3x3 conv stem in the vision encoder (0: none)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=150)
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
                         num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.hidden_size // args.heads,
                         intermediate_size=args.intermediate_size, pad_token_id=tok.pad_id,
                         visual_reference_frames=args.visual_reference_frames,
-                        vision_cnn_channels=args.vision_cnn_channels,
+                        vision_stem_channels=args.vision_stem_channels,
                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, video_token_id=tok.video_id)
     model = TinyVLM(cfg)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]

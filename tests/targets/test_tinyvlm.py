@@ -17,12 +17,12 @@ from sparrow_kernels.targets.tinyvlm import DEFAULT_CHECKPOINT, TinyVLM, TinyVLM
 TOK = WordTokenizer.from_grammar()
 
 
-def make_target(seed: int = 0, visual_reference_frames: int = 0, vision_cnn_channels: int = 0) -> TinyVLMTarget:
+def make_target(seed: int = 0, visual_reference_frames: int = 0, vision_stem_channels: int = 0) -> TinyVLMTarget:
     """A small random model with sharp (non-tied) logits so greedy choices are stable."""
     torch.manual_seed(seed)
     cfg = TinyVLMConfig(vocab_size=TOK.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                         head_dim=8, intermediate_size=48, visual_reference_frames=visual_reference_frames,
-                        vision_cnn_channels=vision_cnn_channels)
+                        vision_stem_channels=vision_stem_channels)
     model = TinyVLM(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -31,12 +31,12 @@ def make_target(seed: int = 0, visual_reference_frames: int = 0, vision_cnn_chan
     return TinyVLMTarget(model, TOK)
 
 
-@pytest.fixture(scope="module", params=[0, 2], ids=["no_visual_bias", "visual_bias_cnn"])
+@pytest.fixture(scope="module", params=[0, 2], ids=["no_visual_bias", "visual_bias_stem"])
 def target(request) -> TinyVLMTarget:
     """Without and with the density correction of visual attention (reference 2 frames:
-    every test video of 3+ frames gets a nonzero bias); the second also has the CNN vision encoder."""
+    every test video of 3+ frames gets a nonzero bias); the second also has a conv stem."""
     torch.set_num_threads(1)
-    return make_target(visual_reference_frames=request.param, vision_cnn_channels=2 * request.param)
+    return make_target(visual_reference_frames=request.param, vision_stem_channels=2 * request.param)
 
 
 def test_visual_bias_changes_text_attention_consistently():

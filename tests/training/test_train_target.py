@@ -56,15 +56,15 @@ def test_train_checkpoint_load_and_resume(tmp_path):
     out = tmp_path / "run"
     export = tmp_path / "export"
     assert main(SMALL + ["--out", str(out), "--steps", "30", "--export", str(export),
-                         "--vision-cnn-channels", "4", "--qa-min", "2", "--qa-max", "4"]) == 0
+                         "--vision-stem-channels", "4", "--qa-min", "2", "--qa-max", "4"]) == 0
     losses = [json.loads(l)["loss"] for l in (out / "log.jsonl").read_text().splitlines() if '"loss"' in l]
     first_loss = float(torch.log(torch.tensor(59.0)))                         # uniform over the vocabulary
     assert losses and losses[-1] < first_loss - 1.0
     target = TinyVLMTarget.load(export)
     assert target.hidden_size == 32 and target.num_layers == 1 and target.tokenizer is not None
-    assert target.model.cfg.vision_cnn_channels == 4
+    assert target.model.cfg.vision_stem_channels == 4
     assert json.loads((out / "last" / "meta.json").read_text())["step"] == 30
-    assert main(SMALL + ["--out", str(out), "--steps", "32", "--resume", "--vision-cnn-channels", "4"]) == 0
+    assert main(SMALL + ["--out", str(out), "--steps", "32", "--resume", "--vision-stem-channels", "4"]) == 0
     assert json.loads((out / "last" / "meta.json").read_text())["step"] == 32
     records = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert any("eval_caption_facts" in r for r in records)
