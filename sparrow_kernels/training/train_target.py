@@ -36,12 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=0, help="stop early after this wall time (0: no limit)")
     p.add_argument("--batch-tokens", type=int, default=3072, help="approximate tokens per batch")
     p.add_argument("--min-frames", type=int, default=4)
-    p.add_argument("--max-frames", type=int, default=16)
-    p.add_argument("--qa-min", type=int, default=1, help="fewest QA turns per training video")
-    p.add_argument("--qa-max", type=int, default=3, help="most QA turns per training video")
-    p.add_argument("--caption-prob", type=float, default=0.75,
+    p.add_argument("--max-frames", type=int, default=12)
+    p.add_argument("--qa-min", type=int, default=2, help="fewest QA turns per training video")
+    p.add_argument("--qa-max", type=int, default=6, help="most QA turns per training video")
+    p.add_argument("--caption-prob", type=float, default=0.9,
                    help="probability that a training video's text includes its caption")
-    p.add_argument("--vision-stem-channels", type=int, default=0,
+    p.add_argument("--vision-stem-channels", type=int, default=16,
                    help="channels of a full-resolution 3x3 conv stem in the vision encoder (0: none)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.05)
@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--intermediate-size", type=int, default=384)
