@@ -135,14 +135,21 @@ def _rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def _rms(x: Tensor, eps: float) -> Tensor:
+    """`x / rms(x)` with fp32 statistics, in x's dtype (no weight)."""
+    if x.dtype == torch.float32:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def _rms_norm(x: Tensor, norm: nn.RMSNorm) -> Tensor:
     """nn.RMSNorm's math in a few plain ops (on small CPU inputs the fused kernel costs ~10x
     more); fp32 statistics."""
     if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+        return _rms(x, norm.eps) * norm.weight
     xf = x.float()
-    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)
-    return (out * norm.weight.float()).to(x.dtype)
+    return (_rms(xf, norm.eps) * norm.weight.float()).to(x.dtype)
 
 
 def _check_tensor(name: str, t, shape: tuple, dtype=None, device=None) -> None:
@@ -260,9 +267,7 @@ class SparrowDraft(nn.Module):
                 "feature_fc", lambda: (self.fc.weight[:, self.config.hidden_size:]
                                        * self.feature_norm.weight).t().contiguous(),
                 self.fc.weight, self.feature_norm.weight)                                # [H, H] input-major
-            f = fused if fused.dtype == torch.float32 else fused.to(self.dtype).float()
-            f = f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + self.feature_norm.eps)
-            f = f if f.dtype == self.dtype else f.to(self.dtype)
+            f = _rms(fused.to(self.dtype), self.feature_norm.eps)                       # weight folded in
             return nn.functional.embedding(tokens, table) + self._matmul(f, feature_fc)
         token_embed = self.frozen.embed_tokens(tokens).to(self.dtype)             # [B, T, H]
         both = torch.cat([_rms_norm(token_embed, self.embed_norm), _rms_norm(fused.to(self.dtype), self.feature_norm)],
