@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_LENGTHS = (500, 1500, 6000, 12000, 25000)
 METHODS = ("visual_kv", "sparrow", "vata_mtp")   # EAGLE/MSD baseline, full Sparrow recipe, the default draft
 ABLATIONS = ("none", "vata", "mtp", "mtp_ivsb", "vata_mtp", "sparrow")     # the paper's ablation rows
+PYTHON_SUFFIX = "_python"     # a method run with SparrowGenerator(fast_draft=False)
 
 
 def parse_args(argv=None):
@@ -47,6 +48,9 @@ def parse_args(argv=None):
     ap.add_argument("--total-tokens", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--python-draft", action="store_true",
+                    help="also run the default draft with its Python draft phase (no compiled CPU fast path), "
+                         "as method '<name>_python', to show what the fast path buys")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads for every method (0: torch's default / OMP_NUM_THREADS)")
@@ -118,7 +122,8 @@ def run_setting(target, drafts, tree, prompt, max_new, temperature, seed, repeat
         ar = autoregressive_generate(target, [prompt], max_new, temperature=temperature, seed=seed)
         keep("autoregressive", {**ar.stats.as_dict(), "tokens": len(ar.tokens[0]), "same_as_ar": True})
         for name, draft in drafts.items():
-            gen = SparrowGenerator(target, draft, **tree)
+            python_path = name.endswith(PYTHON_SUFFIX)
+            gen = SparrowGenerator(target, draft, **tree, fast_draft=not python_path)
             res = gen.generate([prompt], max_new, temperature=temperature, seed=seed)
             keep(name, {**res.stats.as_dict(), "tokens": len(res.tokens[0]),
                         "same_as_ar": res.tokens[0] == ar.tokens[0]})
@@ -194,6 +199,11 @@ def main(argv=None):
     videos = 1 if args.quick else args.videos
     tree = tree_settings(args, device)
     main_drafts = {n: d for n, d in drafts.items() if n in METHODS or not args.ablations}
+    if args.python_draft:
+        from sparrow_kernels.draft import DEFAULT_DRAFT
+
+        name = DEFAULT_DRAFT if DEFAULT_DRAFT in main_drafts else next(iter(main_drafts))
+        main_drafts[name + PYTHON_SUFFIX] = main_drafts[name]
     meta = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
             "tree": tree, "max_new_tokens": args.max_new_tokens, "videos": videos, "repeats": args.repeats,

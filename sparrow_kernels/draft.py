@@ -212,7 +212,8 @@ class SparrowDraft(nn.Module):
         place (its storage or version counter changes). None while training."""
         if torch.is_grad_enabled():
             return None
-        stamp = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        # inference tensors (a draft built under inference_mode) keep no version counter
+        stamp = tuple((p.data_ptr(), -1 if p.is_inference() else p._version, p.dtype) for p in params)
         hit = self._fused_weights.get(name)
         if hit is None or hit[0] != stamp:
             with torch.no_grad():
@@ -255,6 +256,14 @@ class SparrowDraft(nn.Module):
         return self._inference_weight("token_table", build, self.fc.weight, self.embed_norm.weight,
                                       *embed_params)
 
+    def _feature_fc(self) -> Tensor | None:
+        """Inference-only `[H, H]` input-major feature half of fc with feature_norm's weight
+        folded in: `fc_b(norm(f)) = (f / rms(f)) @ _feature_fc()`. None while training."""
+        H = self.config.hidden_size
+        return self._inference_weight(
+            "feature_fc", lambda: (self.fc.weight[:, H:] * self.feature_norm.weight).t().contiguous(),
+            self.fc.weight, self.feature_norm.weight)
+
     def fuse(self, features: Tensor) -> Tensor:
         """Target features `[.., F]` -> `[.., H]` (the slot a fed-back draft hidden takes)."""
         return self.feature_fuse(features) if self.feature_fuse is not None else features
@@ -263,12 +272,8 @@ class SparrowDraft(nn.Module):
         """tokens `[B, T]` and fused features `[B, T, H]` -> layer input `[B, T, H]`."""
         table = self._token_table()
         if table is not None:     # fc(cat(a, b)) = fc_a(a) + fc_b(b); fc_a of every token tabulated
-            feature_fc = self._inference_weight(
-                "feature_fc", lambda: (self.fc.weight[:, self.config.hidden_size:]
-                                       * self.feature_norm.weight).t().contiguous(),
-                self.fc.weight, self.feature_norm.weight)                                # [H, H] input-major
             f = _rms(fused.to(self.dtype), self.feature_norm.eps)                       # weight folded in
-            return nn.functional.embedding(tokens, table) + self._matmul(f, feature_fc)
+            return nn.functional.embedding(tokens, table) + self._matmul(f, self._feature_fc())
         token_embed = self.frozen.embed_tokens(tokens).to(self.dtype)             # [B, T, H]
         both = torch.cat([_rms_norm(token_embed, self.embed_norm), _rms_norm(fused.to(self.dtype), self.feature_norm)],
                          dim=-1)

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from sparrow_kernels import ops
+from sparrow_kernels import cpu_draft, ops
 from sparrow_kernels.targets.base import PrefillOutput, Target, VideoPrompt
 from sparrow_kernels.tree import DraftTree, build_tree, tree_size
 
@@ -329,11 +329,14 @@ class SparrowGenerator:
     draft's tempered distribution and verifies with those draft probabilities (recursive
     rejection sampling); otherwise children are the top-k and verification is target-only.
     Both are lossless. `profile=True` synchronizes CUDA around each timed phase.
+    `fast_draft` (default True) runs the draft phase of top-k trees on a CPU through the
+    compiled path in cpu_draft (the same trees up to float rounding); False forces the
+    Python path everywhere (for comparisons).
     """
 
     def __init__(self, target: Target, draft, total_tokens: int = 30, depth: int = 3, top_k: int = 8, *,
                  draft_sampling: bool = False, tokenizer=None, capacity: int | None = None,
-                 max_context: int = DEFAULT_MAX_CONTEXT, profile: bool = False):
+                 max_context: int = DEFAULT_MAX_CONTEXT, profile: bool = False, fast_draft: bool = True):
         if total_tokens < 1 or depth < 0 or top_k < 1:
             raise ValueError(f"SparrowGenerator: need total_tokens >= 1, depth >= 0, top_k >= 1; got "
                              f"total_tokens={total_tokens}, depth={depth}, top_k={top_k}")
@@ -345,6 +348,7 @@ class SparrowGenerator:
         self.total_tokens, self.depth, self.top_k = total_tokens, depth, top_k
         self.draft_sampling = draft_sampling
         self.tokenizer, self.capacity, self.max_context, self.profile = tokenizer, capacity, max_context, profile
+        self.fast_draft = fast_draft
         self.feature_layers = tuple(int(l) for l in cfg.feature_layers)
         self.visual_kv = bool(getattr(cfg, "visual_kv", False))
         visual_layer = getattr(cfg, "visual_feature_layer", None)
@@ -419,7 +423,7 @@ class SparrowGenerator:
             index, entry_tokens, valid = draft_prompt_entries(prefill, first, self.visual_kv)
             cache = draft.new_cache(B, int(valid.max()) + max_new_tokens + nodes + scratch + 1)
             features = self._prompt_features(prefill, index)
-            hidden = draft.extend(cache, entry_tokens, features, valid)                    # [B, P, H]
+            hidden = self._extend(cache, entry_tokens, features, valid)                    # [B, P, H]
             rows = torch.arange(B, device=device)
             last_hidden = hidden[rows, (valid - 1).clamp(min=0)]                            # [B, H]
         del prefill, hidden, features
@@ -427,8 +431,7 @@ class SparrowGenerator:
         zero_draft_probs = None
         while True:
             with clock.phase("draft"):
-                tree = build_tree(draft, cache, root, last_hidden, total_tokens=self.total_tokens,
-                                  depth=self.depth, top_k=self.top_k, sampler=sampler, generator=generator)
+                tree = self._build_tree(cache, root, last_hidden, sampler, generator)
             with clock.phase("verify"):
                 if bool((state.lengths + tree.num_nodes > capacity).any()):
                     raise RuntimeError(f"target KV capacity {capacity} would overflow: lengths "
@@ -470,11 +473,31 @@ class SparrowGenerator:
                 node_index = torch.where(torch.arange(width, device=device)[None, :] < kept_len[:, None],
                                          accept_index[:, :width], -1)                       # [B, width]
                 features = ops.gather_hidden([out.hidden[i] for i in self._feature_slots], node_index)
-                hidden = draft.extend(cache, next_tokens, features, kept_len)              # [B, width, H]
+                hidden = self._extend(cache, next_tokens, features, kept_len)              # [B, width, H]
                 new_last = hidden[rows, last_slot[:, 0]]
                 last_hidden = torch.where(still[:, None], new_last, last_hidden)
                 root = bonus
             del out, hidden, features
+
+    def _build_tree(self, cache, root: Tensor, last_hidden: Tensor, sampler, generator) -> DraftTree:
+        """The draft phase's tree: the compiled CPU path (cpu_draft) for top-k trees when it
+        applies, else tree.build_tree. Both draft the same tree up to float rounding."""
+        if self.fast_draft and sampler is None:
+            tree = cpu_draft.build_tree(self.draft, cache, root, last_hidden, total_tokens=self.total_tokens,
+                                        depth=self.depth, top_k=self.top_k)
+            if tree is not None:
+                return tree
+        return build_tree(self.draft, cache, root, last_hidden, total_tokens=self.total_tokens, depth=self.depth,
+                          top_k=self.top_k, sampler=sampler, generator=generator)
+
+    def _extend(self, cache, tokens: Tensor, features: Tensor, valid: Tensor) -> Tensor:
+        """draft.extend, through the compiled CPU path when it applies (hidden states of
+        padding entries then are zero; the engine reads only each row's last valid entry)."""
+        if self.fast_draft:
+            hidden = cpu_draft.extend(self.draft, cache, tokens, features, valid)
+            if hidden is not None:
+                return hidden
+        return self.draft.extend(cache, tokens, features, valid)
 
     def _prompt_features(self, prefill: PrefillOutput, index: Tensor) -> Tensor:
         """Target features `[B, P, F]` of the chosen prompt positions (visual entries from

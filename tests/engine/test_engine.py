@@ -381,3 +381,38 @@ def test_trained_tiny_vlm_and_draft_greedy_equivalence():
     assert spec.tokens == autoregressive_generate(target, prompts, max_new).tokens
     if trained:
         assert spec.stats.tau > 1.5
+
+
+@pytest.mark.parametrize("visual_kv", [False, True])
+def test_compiled_cpu_draft_phase_drafts_the_same_trees(target, visual_kv, monkeypatch):
+    """fast_draft=True (the compiled CPU draft phase, sparrow_kernels/cpu_draft.py) against
+    fast_draft=False (the Python draft phase): the same tokens, the same per-step accept
+    lengths (so the same trees were verified), the fast path really ran, and both equal plain
+    greedy decoding."""
+    from sparrow_kernels import cpu_draft
+
+    calls = {"build_tree": 0, "extend": 0}
+    for name in calls:
+        real = getattr(cpu_draft, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            out = _real(*args, **kwargs)
+            calls[_name] += out is not None
+            return out
+        monkeypatch.setattr(cpu_draft, name, spy)
+    prompts = vlm_prompts(target, 3, seed=5)
+    max_new = 16
+    draft = random_draft(target, seed=3, visual_kv=visual_kv, window=0 if visual_kv else 4, n_anchor=0 if visual_kv else 2)
+    capacity = _capacity(target, prompts, max_new)
+    runs = {}
+    for fast in (True, False):
+        gen = SparrowGenerator(target, draft, **TREES["small_tree"], fast_draft=fast)
+        runs[fast] = gen.generate(prompts, max_new, eos_token_ids=[], capacity=capacity)
+        if fast:
+            assert calls["build_tree"] == runs[fast].stats.steps and calls["extend"] >= runs[fast].stats.steps - 1
+            calls_after_fast = dict(calls)
+    assert calls == calls_after_fast                        # fast_draft=False never took the fast path
+    assert runs[True].tokens == runs[False].tokens
+    assert runs[True].stats.accept_lengths == runs[False].stats.accept_lengths
+    assert runs[True].tokens == autoregressive_generate(target, prompts, max_new, eos_token_ids=[],
+                                                        capacity=capacity).tokens

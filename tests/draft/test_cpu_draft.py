@@ -1,0 +1,138 @@
+"""The compiled CPU draft phase (sparrow_kernels/cpu_draft.py, csrc/draft_cpu.cpp) against
+its spec, the Python draft (tree.build_tree over SparrowDraft.draft_step, SparrowDraft.extend):
+the same trees and cache contents on random drafts, caches and tree shapes, the same engine
+output, and every case it must decline (so the Python path runs) or reject."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparrow_kernels import cpu_draft
+from sparrow_kernels.tree import build_tree
+
+from .test_draft import V, make_draft, rand_inputs
+
+TREE_FIELDS = ("tokens", "parents", "depth", "tree_mask", "next_token", "next_sibling")
+
+
+def _filled_pair(draft, B, lengths, capacity, seed):
+    """Two identical draft caches holding `lengths[b]` committed entries per row (Python extend)."""
+    T = max(lengths)
+    tokens, features = rand_inputs(B, T, draft.config.feature_size, seed)
+    valid = torch.tensor(lengths)
+    caches = []
+    for _ in range(2):
+        cache = draft.new_cache(B, capacity)
+        cache.k.fill_(float("nan"))           # poison: unwritten slots must never be read
+        cache.v.fill_(float("nan"))
+        hidden = draft.extend(cache, tokens, features, valid)
+        caches.append(cache)
+    return caches, hidden[torch.arange(B), (valid - 1).clamp(min=0)]
+
+
+def _assert_same_tree(a, b):
+    for name in TREE_FIELDS:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-4)
+    assert b.draft_probs is None
+
+
+@settings(deadline=None)
+@given(B=st.integers(1, 3), lengths=st.lists(st.integers(1, 20), min_size=3, max_size=3),
+       shape=st.sampled_from([(10, 3, 3), (30, 3, 8), (16, 5, 2), (8, 6, 1), (5, 1, 4), (40, 2, 6)]),
+       window=st.sampled_from([0, 3, 8]), n_anchor=st.integers(0, 3), layers=st.sampled_from([(4,), (1, 2, 4)]),
+       seed=st.integers(0, 2 ** 16))
+def test_tree_matches_python(B, lengths, shape, window, n_anchor, layers, seed):
+    draft = make_draft(window=window, n_anchor=n_anchor, layers=layers, seed=seed % 7)
+    lengths = lengths[:B]
+    with torch.inference_mode():
+        assert cpu_draft.available(draft)
+        (c_py, c_fast), root_hidden = _filled_pair(draft, B, lengths, capacity=80, seed=seed)
+        root = torch.randint(0, V, (B,), generator=torch.Generator().manual_seed(seed))
+        total, depth, top_k = shape
+        expect = build_tree(draft, c_py, root, root_hidden, total_tokens=total, depth=depth, top_k=top_k)
+        got = cpu_draft.build_tree(draft, c_fast, root, root_hidden, total_tokens=total, depth=depth, top_k=top_k)
+    assert got is not None
+    _assert_same_tree(expect, got)
+    assert c_fast.scratch_len == c_py.scratch_len
+    assert torch.equal(c_fast.scratch_pos, c_py.scratch_pos)
+    assert torch.equal(c_fast.lengths, c_py.lengths)
+    used = int((c_py.lengths + c_py.scratch_len).max())
+    for b in range(B):                       # committed entries and every scratch node's K/V
+        end = int(c_py.lengths[b]) + c_py.scratch_len
+        torch.testing.assert_close(c_fast.k[b, :, :end], c_py.k[b, :, :end], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(c_fast.v[b, :, :end], c_py.v[b, :, :end], rtol=1e-4, atol=1e-5)
+    assert used <= c_py.capacity
+
+
+@settings(deadline=None)
+@given(B=st.integers(1, 3), start=st.lists(st.integers(1, 15), min_size=3, max_size=3), T=st.integers(1, 6),
+       window=st.sampled_from([0, 2, 5]), n_anchor=st.integers(0, 2), layers=st.sampled_from([(4,), (1, 3)]),
+       seed=st.integers(0, 2 ** 16))
+def test_extend_matches_python(B, start, T, window, n_anchor, layers, seed):
+    draft = make_draft(window=window, n_anchor=n_anchor, layers=layers, seed=seed % 5)
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.randint(0, T + 1, (B,), generator=g)
+    with torch.inference_mode():
+        (c_py, c_fast), _ = _filled_pair(draft, B, start[:B], capacity=40, seed=seed)
+        tokens, features = rand_inputs(B, T, draft.config.feature_size, seed + 1)
+        expect = draft.extend(c_py, tokens, features, valid)
+        out = cpu_draft.extend(draft, c_fast, tokens, features, valid)
+    assert out is not None
+    assert torch.equal(c_fast.lengths, c_py.lengths)
+    for b in range(B):
+        n = int(valid[b])
+        torch.testing.assert_close(out[b, :n], expect[b, :n], rtol=1e-4, atol=1e-4)
+        assert bool((out[b, n:] == 0).all())                  # padding entries: zero, documented
+        end = int(c_py.lengths[b])
+        torch.testing.assert_close(c_fast.k[b, :, :end], c_py.k[b, :, :end], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(c_fast.v[b, :, :end], c_py.v[b, :, :end], rtol=1e-4, atol=1e-5)
+    assert c_fast.scratch_len == 0
+
+
+def test_declines_what_it_does_not_cover(monkeypatch):
+    draft = make_draft()
+    (cache, _), root_hidden = _filled_pair(draft, 1, [5], capacity=40, seed=0)
+    root = torch.tensor([3])
+    tokens, features = rand_inputs(1, 2, draft.config.feature_size)
+    valid = torch.tensor([2])
+    with torch.no_grad():
+        assert cpu_draft.available(draft)
+    # gradients on (training): never
+    assert not cpu_draft.available(draft)
+    assert cpu_draft.build_tree(draft, cache, root, root_hidden, total_tokens=8, depth=2, top_k=2) is None
+    with torch.inference_mode():
+        # a one-node tree, too many extend entries, mismatched shapes: the Python path handles them
+        assert cpu_draft.build_tree(draft, cache, root, root_hidden, total_tokens=1, depth=2, top_k=2) is None
+        long_tokens, long_features = rand_inputs(1, cpu_draft.MAX_EXTEND_ENTRIES + 1, draft.config.feature_size)
+        assert cpu_draft.extend(draft, cache, long_tokens, long_features, torch.tensor([3])) is None
+        assert cpu_draft.build_tree(draft, cache, root, root_hidden[:, :5], total_tokens=8, depth=2, top_k=2) is None
+        assert cpu_draft.extend(draft, cache, tokens, features, torch.tensor([2, 2])) is None
+        # objects that only implement the draft API, and the opt-out switch
+        assert not cpu_draft.available(object())
+        monkeypatch.setenv("SPARROW_CPU_DRAFT", "0")
+        assert cpu_draft.extend(draft, cache, tokens, features, valid) is None
+        monkeypatch.delenv("SPARROW_CPU_DRAFT")
+        # non-fp32 drafts
+        half = make_draft().to(torch.bfloat16)
+        assert not cpu_draft.available(half)
+        # an LM head that is not Sequential(RMSNorm, Linear)
+        other = make_draft()
+        other.frozen.lm_head = torch.nn.Linear(other.config.hidden_size, V, bias=False)
+        assert not cpu_draft.available(other)
+
+
+def test_capacity_overflow_is_an_error_and_leaves_the_cache():
+    draft = make_draft()
+    with torch.inference_mode():
+        (cache, _), root_hidden = _filled_pair(draft, 2, [5, 9], capacity=12, seed=0)
+        before_k, before_len = cache.k.clone(), cache.lengths.clone()
+        with pytest.raises(ValueError, match="capacity 12"):
+            cpu_draft.build_tree(draft, cache, torch.tensor([1, 2]), root_hidden, total_tokens=30, depth=3, top_k=8)
+        tokens, features = rand_inputs(2, 4, draft.config.feature_size)
+        with pytest.raises(ValueError, match="row 1 needs 13 draft cache slots"):
+            cpu_draft.extend(draft, cache, tokens, features, torch.tensor([1, 4]))
+    assert torch.equal(cache.lengths, before_len)
+    assert torch.equal(cache.k.nan_to_num(), before_k.nan_to_num())
