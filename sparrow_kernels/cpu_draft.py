@@ -82,86 +82,118 @@ def _weights(draft: SparrowDraft) -> tuple[list[Tensor], list[float]] | None:
     return weights, [float(e) for e in eps]
 
 
-def available(draft: SparrowDraft) -> bool:
-    """Whether the fast path can run this draft now (CPU, fp32, no autograd, ops built)."""
+def _supported(draft) -> bool:
     if os.environ.get("SPARROW_CPU_DRAFT", "1") == "0" or torch.is_grad_enabled():
         return False
     if not isinstance(draft, SparrowDraft):       # any other object implementing docs/draft_api.md
         return False
-    if draft.device.type != "cpu" or draft.dtype != torch.float32 or not _has_ops():
-        return False
-    return _weights(draft) is not None
+    return draft.device.type == "cpu" and draft.dtype == torch.float32 and _has_ops()
 
 
-def _layer_args(draft: SparrowDraft) -> tuple:
-    cfg = draft.config
-    return cfg.num_heads, cfg.num_kv_heads, float(cfg.rope_theta), int(cfg.window), int(cfg.n_anchor)
+class CompiledDraft:
+    """A draft's weights marshalled once for the sparrow_cpu ops (make it with `prepare`, per
+    generate call: it holds the weights as they were then). Its methods return None for
+    inputs the fast path does not cover, so the caller runs the Python path instead."""
+
+    def __init__(self, draft: SparrowDraft, weights: list[Tensor], eps: list[float]):
+        cfg = draft.config
+        self.draft, self.weights, self.eps = draft, weights, eps
+        self.layer_args = (cfg.num_heads, cfg.num_kv_heads, float(cfg.rope_theta), int(cfg.window), int(cfg.n_anchor))
+        self._shapes: dict = {}
+
+    def _tree_shape(self, total_tokens: int, depth: int, top_k: int):
+        key = (total_tokens, depth, top_k)
+        if key not in self._shapes:
+            shapes = _level_shapes(total_tokens - 1, depth, top_k, self.draft.config.vocab_size, sampled=False)
+            n_draft = min(total_tokens - 1, sum(w * c for w, c in shapes))
+            level = [lvl for lvl, (w, _) in enumerate(shapes) if lvl > 0 for _ in range(w)]
+            self._shapes[key] = ([w for w, _ in shapes], [c for _, c in shapes], n_draft,
+                                 torch.tensor(level, dtype=torch.int64) - 1)
+        return self._shapes[key]
+
+    def build_tree(self, cache: DraftCache, root_tokens: Tensor, root_hidden: Tensor, *, total_tokens: int,
+                   depth: int, top_k: int) -> DraftTree | None:
+        """`tree.build_tree` with top-k children (no sampler) through sparrow_cpu.draft_tree;
+        leaves the cache's scratch state as build_tree does."""
+        if total_tokens <= 1 or not isinstance(cache, DraftCache) or not isinstance(root_hidden, Tensor) \
+                or not isinstance(root_tokens, Tensor):
+            return None
+        if not (cache.k.is_contiguous() and cache.v.is_contiguous()) or root_hidden.dtype != torch.float32:
+            return None
+        B = cache.batch_size
+        if root_tokens.shape != (B,) or root_hidden.shape != (B, self.draft.config.hidden_size) \
+                or root_tokens.device.type != "cpu" or root_hidden.device.type != "cpu":
+            return None                                   # the Python path raises the precise error
+        widths, counts, n_draft, scratch_depth = self._tree_shape(total_tokens, depth, top_k)
+        scratch = len(scratch_depth)
+        if bool((cache.lengths + scratch > cache.capacity).any()):
+            raise ValueError(f"build_tree: {scratch} scratch nodes after the committed slots exceed the draft "
+                             f"cache capacity {cache.capacity} (max committed {int(cache.lengths.max())})")
+        self.draft.reset_scratch(cache)
+        tokens, parents, scores, node_depth, tree_mask, next_token, next_sibling = torch.ops.sparrow_cpu.draft_tree(
+            self.weights, cache.k, cache.v, cache.lengths, root_tokens.to(torch.int64), root_hidden.contiguous(),
+            widths, counts, n_draft, self.eps, *self.layer_args)
+        if scratch:
+            cache.scratch_pos = cache.lengths[:, None] + scratch_depth[None, :]           # [B, M]
+            cache.scratch_len = scratch
+        return DraftTree(tokens=tokens, parents=parents, depth=node_depth, tree_mask=tree_mask,
+                         next_token=next_token, next_sibling=next_sibling, scores=scores, draft_probs=None)
+
+    def extend(self, cache: DraftCache, tokens: Tensor, features: Tensor, valid: Tensor) -> Tensor | None:
+        """`SparrowDraft.extend` for up to MAX_EXTEND_ENTRIES entries through
+        sparrow_cpu.draft_extend. Hidden states of padding entries (>= valid[b]) are zero."""
+        if not isinstance(cache, DraftCache) or not all(isinstance(t, Tensor) for t in (tokens, features, valid)):
+            return None
+        if tokens.dim() != 2 or features.dim() != 3 or valid.shape != tokens.shape[:1] or tokens.shape[1] == 0 \
+                or tokens.shape[1] > MAX_EXTEND_ENTRIES:
+            return None
+        if any(t.device.type != "cpu" for t in (tokens, features, valid)):
+            return None
+        if features.dtype != torch.float32 or tokens.dtype != torch.int64 or valid.dtype != torch.int64:
+            return None
+        if features.shape[:2] != tokens.shape or features.shape[2] != self.draft.config.feature_size:
+            return None
+        if not (cache.k.is_contiguous() and cache.v.is_contiguous()) or cache.batch_size != tokens.shape[0]:
+            return None
+        new_lengths = cache.lengths + valid.clamp(0, tokens.shape[1])
+        if bool((new_lengths > cache.capacity).any()):
+            b = int((new_lengths > cache.capacity).nonzero()[0, 0])
+            raise ValueError(f"SparrowDraft.extend: row {b} needs {int(new_lengths[b])} draft cache slots "
+                             f"but the cache capacity is {cache.capacity}")
+        self.draft.reset_scratch(cache)
+        lengths = cache.lengths.contiguous().clone()
+        hidden = torch.ops.sparrow_cpu.draft_extend(self.weights, cache.k, cache.v, lengths, tokens, features, valid,
+                                                    self.eps, *self.layer_args)
+        cache.lengths = lengths
+        return hidden
 
 
-def build_tree(draft: SparrowDraft, cache: DraftCache, root_tokens: Tensor, root_hidden: Tensor, *,
-               total_tokens: int, depth: int, top_k: int) -> DraftTree | None:
-    """`tree.build_tree` with top-k children (no sampler) through sparrow_cpu.draft_tree, or
-    None when the fast path does not apply. Leaves the cache's scratch state as build_tree does."""
-    if total_tokens <= 1 or not isinstance(cache, DraftCache) or not available(draft):
+def prepare(draft) -> CompiledDraft | None:
+    """The compiled CPU draft phase for `draft`, or None when it does not apply (CUDA,
+    non-fp32, gradients on, an unsupported LM head or vocabulary, SPARROW_CPU_DRAFT=0)."""
+    if not _supported(draft):
         return None
-    if not (cache.k.is_contiguous() and cache.v.is_contiguous()) or root_hidden.dtype != torch.float32:
-        return None
-    B = cache.batch_size
-    if root_tokens.shape != (B,) or root_hidden.shape != (B, draft.config.hidden_size) \
-            or root_tokens.device.type != "cpu" or root_hidden.device.type != "cpu":
-        return None                                   # the Python path raises the precise error
-    V = draft.config.vocab_size
-    shapes = _level_shapes(total_tokens - 1, depth, top_k, V, sampled=False)
-    pool = sum(w * c for w, c in shapes)
-    n_draft = min(total_tokens - 1, pool)
-    scratch = sum(w for w, _ in shapes[1:])
-    if bool((cache.lengths + scratch > cache.capacity).any()):
-        raise ValueError(f"build_tree: {scratch} scratch nodes after the committed slots exceed the draft cache "
-                         f"capacity {cache.capacity} (max committed {int(cache.lengths.max())})")
-    weights, eps = _weights(draft)
-    draft.reset_scratch(cache)
-    tokens, parents, scores, node_depth, tree_mask, next_token, next_sibling = torch.ops.sparrow_cpu.draft_tree(
-        weights, cache.k, cache.v, cache.lengths, root_tokens.to(torch.int64),
-        root_hidden.contiguous(), [w for w, _ in shapes], [c for _, c in shapes], n_draft, eps,
-        *_layer_args(draft))
-    if scratch:
-        level = torch.cat([torch.full((w,), lvl, dtype=torch.int64) for lvl, (w, _) in enumerate(shapes) if lvl > 0])
-        cache.scratch_pos = cache.lengths[:, None] + (level - 1)[None, :]                # [B, M]
-        cache.scratch_len = scratch
-    return DraftTree(tokens=tokens, parents=parents, depth=node_depth, tree_mask=tree_mask, next_token=next_token,
-                     next_sibling=next_sibling, scores=scores, draft_probs=None)
+    prepared = _weights(draft)
+    return None if prepared is None else CompiledDraft(draft, *prepared)
 
 
-def extend(draft: SparrowDraft, cache: DraftCache, tokens: Tensor, features: Tensor, valid: Tensor) -> Tensor | None:
-    """`SparrowDraft.extend` for up to MAX_EXTEND_ENTRIES entries through
-    sparrow_cpu.draft_extend, or None when the fast path does not apply. Hidden states of
-    padding entries (>= valid[b]) are zero, not computed."""
-    if not isinstance(cache, DraftCache) or not isinstance(tokens, Tensor) or not isinstance(features, Tensor) \
-            or not isinstance(valid, Tensor) or not available(draft):
-        return None
-    if tokens.dim() != 2 or features.dim() != 3 or valid.shape != tokens.shape[:1] or tokens.shape[1] == 0 \
-            or tokens.shape[1] > MAX_EXTEND_ENTRIES:
-        return None
-    if any(t.device.type != "cpu" for t in (tokens, features, valid)):
-        return None
-    if features.dtype != torch.float32 or tokens.dtype != torch.int64 or valid.dtype != torch.int64:
-        return None
-    if features.shape[:2] != tokens.shape or features.shape[2] != draft.config.feature_size:
-        return None
-    if not (cache.k.is_contiguous() and cache.v.is_contiguous()) or cache.batch_size != tokens.shape[0]:
-        return None
-    new_lengths = cache.lengths + valid.clamp(0, tokens.shape[1])
-    if bool((new_lengths > cache.capacity).any()):
-        b = int((new_lengths > cache.capacity).nonzero()[0, 0])
-        raise ValueError(f"SparrowDraft.extend: row {b} needs {int(new_lengths[b])} draft cache slots "
-                         f"but the cache capacity is {cache.capacity}")
-    weights, eps = _weights(draft)
-    draft.reset_scratch(cache)
-    lengths = cache.lengths.contiguous().clone()
-    hidden = torch.ops.sparrow_cpu.draft_extend(weights, cache.k, cache.v, lengths, tokens, features, valid, eps,
-                                                *_layer_args(draft))
-    cache.lengths = lengths
-    return hidden
+def available(draft) -> bool:
+    """Whether the fast path can run this draft now."""
+    return prepare(draft) is not None
 
 
-__all__ = ["MAX_EXTEND_ENTRIES", "available", "build_tree", "extend"]
+def build_tree(draft, cache: DraftCache, root_tokens: Tensor, root_hidden: Tensor, *, total_tokens: int,
+               depth: int, top_k: int) -> DraftTree | None:
+    """One-off `CompiledDraft.build_tree` (prepare + call); None when the fast path does not apply."""
+    compiled = prepare(draft)
+    return None if compiled is None else compiled.build_tree(cache, root_tokens, root_hidden,
+                                                             total_tokens=total_tokens, depth=depth, top_k=top_k)
+
+
+def extend(draft, cache: DraftCache, tokens: Tensor, features: Tensor, valid: Tensor) -> Tensor | None:
+    """One-off `CompiledDraft.extend` (prepare + call); None when the fast path does not apply."""
+    compiled = prepare(draft)
+    return None if compiled is None else compiled.extend(cache, tokens, features, valid)
+
+
+__all__ = ["MAX_EXTEND_ENTRIES", "CompiledDraft", "available", "build_tree", "extend", "prepare"]

@@ -407,6 +407,8 @@ class SparrowGenerator:
         capacity = _capacity(target, prompts, capacity if capacity is not None else self.capacity,
                              max_new_tokens, nodes, self.max_context)
         generator = _make_generator(device, seed)
+        # the compiled CPU draft phase, weights marshalled once per call (None: Python path)
+        compiled = cpu_draft.prepare(draft) if self.fast_draft else None
 
         with clock.phase("prefill"):
             prefill = target.prefill(prompts, self.layers, capacity)
@@ -423,7 +425,7 @@ class SparrowGenerator:
             index, entry_tokens, valid = draft_prompt_entries(prefill, first, self.visual_kv)
             cache = draft.new_cache(B, int(valid.max()) + max_new_tokens + nodes + scratch + 1)
             features = self._prompt_features(prefill, index)
-            hidden = self._extend(cache, entry_tokens, features, valid)                    # [B, P, H]
+            hidden = self._extend(compiled, cache, entry_tokens, features, valid)          # [B, P, H]
             rows = torch.arange(B, device=device)
             last_hidden = hidden[rows, (valid - 1).clamp(min=0)]                            # [B, H]
         del prefill, hidden, features
@@ -431,7 +433,7 @@ class SparrowGenerator:
         zero_draft_probs = None
         while True:
             with clock.phase("draft"):
-                tree = self._build_tree(cache, root, last_hidden, sampler, generator)
+                tree = self._build_tree(compiled, cache, root, last_hidden, sampler, generator)
             with clock.phase("verify"):
                 if bool((state.lengths + tree.num_nodes > capacity).any()):
                     raise RuntimeError(f"target KV capacity {capacity} would overflow: lengths "
@@ -473,28 +475,28 @@ class SparrowGenerator:
                 node_index = torch.where(torch.arange(width, device=device)[None, :] < kept_len[:, None],
                                          accept_index[:, :width], -1)                       # [B, width]
                 features = ops.gather_hidden([out.hidden[i] for i in self._feature_slots], node_index)
-                hidden = self._extend(cache, next_tokens, features, kept_len)              # [B, width, H]
+                hidden = self._extend(compiled, cache, next_tokens, features, kept_len)    # [B, width, H]
                 new_last = hidden[rows, last_slot[:, 0]]
                 last_hidden = torch.where(still[:, None], new_last, last_hidden)
                 root = bonus
             del out, hidden, features
 
-    def _build_tree(self, cache, root: Tensor, last_hidden: Tensor, sampler, generator) -> DraftTree:
+    def _build_tree(self, compiled, cache, root: Tensor, last_hidden: Tensor, sampler, generator) -> DraftTree:
         """The draft phase's tree: the compiled CPU path (cpu_draft) for top-k trees when it
         applies, else tree.build_tree. Both draft the same tree up to float rounding."""
-        if self.fast_draft and sampler is None:
-            tree = cpu_draft.build_tree(self.draft, cache, root, last_hidden, total_tokens=self.total_tokens,
-                                        depth=self.depth, top_k=self.top_k)
+        if compiled is not None and sampler is None:
+            tree = compiled.build_tree(cache, root, last_hidden, total_tokens=self.total_tokens,
+                                       depth=self.depth, top_k=self.top_k)
             if tree is not None:
                 return tree
         return build_tree(self.draft, cache, root, last_hidden, total_tokens=self.total_tokens, depth=self.depth,
                           top_k=self.top_k, sampler=sampler, generator=generator)
 
-    def _extend(self, cache, tokens: Tensor, features: Tensor, valid: Tensor) -> Tensor:
+    def _extend(self, compiled, cache, tokens: Tensor, features: Tensor, valid: Tensor) -> Tensor:
         """draft.extend, through the compiled CPU path when it applies (hidden states of
         padding entries then are zero; the engine reads only each row's last valid entry)."""
-        if self.fast_draft:
-            hidden = cpu_draft.extend(self.draft, cache, tokens, features, valid)
+        if compiled is not None:
+            hidden = compiled.extend(cache, tokens, features, valid)
             if hidden is not None:
                 return hidden
         return self.draft.extend(cache, tokens, features, valid)

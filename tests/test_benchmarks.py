@@ -1,4 +1,4 @@
-"""Smoke tests of the end-to-end benchmark's code path (benchmarks/e2e.py) on the built-in
+"""Smoke tests of the end-to-end benchmark's code path (benchmarks/e2e.py, tree_sweep.py) on the built-in
 tiny video LM and its committed drafts: it runs, writes its JSON, and every greedy output
 it reports equals autoregressive decoding. Timing values are recorded, never asserted."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import e2e  # noqa: E402
+import tree_sweep  # noqa: E402
 
 
 def test_e2e_quick_run_writes_results(tmp_path):
@@ -50,3 +51,22 @@ def test_e2e_runs_on_an_hf_checkpoint_directory(tmp_path):
                      "--depth", "2", "--top-k", "2", "--out", str(out)]) == 0
     rows = json.loads((out / "e2e.json").read_text())["results"]["0.0"]["40"]
     assert rows["random"]["all_same_as_ar"] is True and rows["random"]["tokens"] >= 1
+
+
+def test_tree_sweep_runs_and_matches_autoregressive(tmp_path):
+    out = tmp_path / "sweep.json"
+    assert tree_sweep.main(["--trees", "6,2,2", "4,3,1", "--visual-tokens", "64", "--videos", "1",
+                            "--max-new-tokens", "10", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]["64"]
+    assert set(rows["trees"]) == {"6,2,2", "4,3,1"}
+    for key, row in rows["trees"].items():
+        assert row["same_as_ar"] is True, key
+        assert 1.0 <= row["tau"] <= int(key.split(",")[1]) + 2 and row["speedup"] > 0
+    assert rows["ar_ms_per_token"] > 0
+
+
+def test_e2e_python_draft_variant(tmp_path):
+    assert e2e.main(["--quick", "--max-new-tokens", "8", "--python-draft", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "e2e_quick.json").read_text())["results"]["0.0"]["500"]
+    python_rows = [m for m in rows if m.endswith(e2e.PYTHON_SUFFIX)]
+    assert len(python_rows) == 1 and rows[python_rows[0]]["all_same_as_ar"] is True

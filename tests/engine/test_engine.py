@@ -393,13 +393,13 @@ def test_compiled_cpu_draft_phase_drafts_the_same_trees(target, visual_kv, monke
 
     calls = {"build_tree": 0, "extend": 0}
     for name in calls:
-        real = getattr(cpu_draft, name)
+        real = getattr(cpu_draft.CompiledDraft, name)
 
-        def spy(*args, _real=real, _name=name, **kwargs):
-            out = _real(*args, **kwargs)
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            out = _real(self, *args, **kwargs)
             calls[_name] += out is not None
             return out
-        monkeypatch.setattr(cpu_draft, name, spy)
+        monkeypatch.setattr(cpu_draft.CompiledDraft, name, spy)
     prompts = vlm_prompts(target, 3, seed=5)
     max_new = 16
     draft = random_draft(target, seed=3, visual_kv=visual_kv, window=0 if visual_kv else 4, n_anchor=0 if visual_kv else 2)
