@@ -2,7 +2,8 @@
 # The one prepared check for a lent GPU machine: build the extension in place (CUDA kernels
 # for the local card), run the GPU test suites (C++ CUDA kernels, the shared op tests on the
 # cuda and triton backends, the Triton kernels without the interpreter), compute-sanitizer
-# memcheck over a reduced kernel-test selection once, then the kernel benchmark. Every step
+# memcheck over a reduced kernel-test selection once, then the kernel benchmark and the 7B-shape
+# cost projection (benchmarks/gpu_projection.py). Every step
 # logs to $OUT/<step>.log; $OUT/summary.txt lists each step's status and time. It continues
 # past failures and exits non-zero at the end if any step failed. It changes nothing outside
 # the repository and $OUT, needs no network, and stops every step by a shared deadline
@@ -99,6 +100,8 @@ fi
 if [ -f benchmarks/run.py ]; then
   step bench_small 90 $PYTHON benchmarks/run.py --op gather_hidden,tree_verify_greedy,tree_verify_sample,kv_compact \
     --json "$OUT/bench_small.json"
+  # real-size costs (Qwen2.5-VL-7B / LLaVA-OV-7B shapes, random weights) and the projected speedup
+  step projection 150 $PYTHON benchmarks/gpu_projection.py --device cuda --out "$OUT/gpu_projection.json"
   if ! step bench_window 240 $PYTHON benchmarks/run.py --op window_attn --json "$OUT/bench.json"; then
     step bench_window_quick 90 $PYTHON benchmarks/run.py --op window_attn --quick --json "$OUT/bench_quick.json"
   fi

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import e2e  # noqa: E402
+import gpu_projection  # noqa: E402
 import tree_sweep  # noqa: E402
 
 
@@ -70,3 +71,20 @@ def test_e2e_python_draft_variant(tmp_path):
     rows = json.loads((tmp_path / "e2e_quick.json").read_text())["results"]["0.0"]["500"]
     python_rows = [m for m in rows if m.endswith(e2e.PYTHON_SUFFIX)]
     assert len(python_rows) == 1 and rows[python_rows[0]]["all_same_as_ar"] is True
+
+
+def test_gpu_projection_code_path_on_tiny_shapes(tmp_path):
+    """The 7B projection's code path (stock HF classes through the adapters, synthetic caches,
+    the draft phase) on tiny shapes: it runs and writes every field; the values mean nothing here."""
+    out = tmp_path / "projection.json"
+    assert gpu_projection.main(["--tiny", "--device", "cpu", "--visual-tokens", "40", "--nodes", "4",
+                                "--tau", "sparrow=4.0", "--tau", "visual_kv=3.0", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == set(gpu_projection.MODELS)
+    for rows in data["results"].values():
+        row = rows["40"]
+        assert row["decode_step_ms"] > 0 and set(row["draft_phase_ms"]) == {"sparrow", "visual_kv"}
+        assert str(data["meta"]["tree_nodes"]) in row["verify_ms"] and "4" in row["verify_ms"]
+        assert row["tau"] == {"sparrow": 4.0, "visual_kv": 3.0}
+        assert row["projected_decoding_speedup"]["sparrow"] > 0
+    assert data["meta"]["tau_source"] == "fixed"
