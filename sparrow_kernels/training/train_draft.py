@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train with the target's mid-layer visual states prefixed to the text")
     p.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=None,
                    help="unroll the draft --mtp-steps steps in training (off: 1 step)")
-    p.add_argument("--mtp-steps", type=int, default=4)
+    p.add_argument("--mtp-steps", type=int, default=6,
+                   help="unrolled steps with --mtp (6 covers the depth of the CPU draft trees)")
     p.add_argument("--loss-decay", type=float, default=0.8, help="weight of unrolled step k is decay**(k-1)")
     p.add_argument("--feature-weight", type=float, default=0.0,
                    help="smooth-L1 feature regression weight (0: cross-entropy only, as EAGLE-3)")
