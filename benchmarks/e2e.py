@@ -174,11 +174,40 @@ def plot(results, lengths, out_dir):
             plt.close(fig)
 
 
+def markdown(meta, results, ablation) -> str:
+    """The study as Markdown tables (what RESULTS.md quotes): one row per setting and method,
+    the time split both per run and per verification step, then the ablation's tau."""
+    lines = [f"tree {meta['tree']}, {meta['videos']} video(s) per setting, {meta['threads']} thread(s), "
+             f"torch {meta['torch']}, `{' '.join(meta['argv'])}`", "",
+             "| T | visual tokens | method | tau | decoding speedup | end-to-end speedup | decode tok/s | prefill s "
+             "| draft ms/step | verify ms/step | other ms/step | greedy = AR |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for temp, per_len in results.items():
+        for length, rows in per_len.items():
+            for name, r in rows.items():
+                steps = max(r["steps"], 1)
+                same = ("yes" if r["all_same_as_ar"] else "**NO**") if float(temp) == 0 else "-"
+                lines.append(f"| {float(temp):g} | {int(length):,} | {name} | {r['tau']:.2f} | {r['decode_speedup']:.2f}x "
+                             f"| {r['e2e_speedup']:.2f}x | {r['tok_s_decode']:.1f} | {r['prefill_s']:.2f} "
+                             f"| {1e3 * r['draft_s'] / steps:.1f} | {1e3 * r['verify_s'] / steps:.1f} "
+                             f"| {1e3 * r['bookkeeping_s'] / steps:.1f} | {same} |")
+    if ablation:
+        lengths = list(ablation)
+        names = list(dict.fromkeys(n for row in ablation.values() for n in row))
+        lines += ["", "Ablation (tau, greedy)", "",
+                  "| draft | " + " | ".join(f"{int(L):,} visual tokens" for L in lengths) + " |",
+                  "|---|" + "---|" * len(lengths)]
+        for n in names:
+            lines.append(f"| {n} | " + " | ".join(f"{ablation[L].get(n, float('nan')):.2f}" for L in lengths) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def save(args, meta, results, ablation) -> Path:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / ("e2e_quick.json" if args.quick else "e2e.json")).write_text(
-        json.dumps({"meta": meta, "results": results, "ablation": ablation}, indent=1))
+    stem = "e2e_quick" if args.quick else "e2e"
+    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results, "ablation": ablation}, indent=1))
+    (out_dir / f"{stem}.md").write_text(markdown(meta, results, ablation))
     return out_dir
 
 

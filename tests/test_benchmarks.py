@@ -28,6 +28,10 @@ def test_e2e_quick_run_writes_results(tmp_path):
         assert 1.0 <= row["tau"] <= 1 + data["meta"]["tree"]["depth"] + 1
     assert rows["autoregressive"]["tau"] == 1.0 and rows["autoregressive"]["draft_s"] == 0.0
     assert data["meta"]["repeats"] == 2
+    table = (tmp_path / "e2e_quick.md").read_text().splitlines()           # the Markdown form of the same rows
+    body = [line for line in table if line.startswith("| 0 | 500 |")]
+    assert [line.split(" | ")[2] for line in body] == list(rows)
+    assert all(line.endswith("| yes |") for line in body)
 
 
 def test_e2e_runs_on_an_hf_checkpoint_directory(tmp_path):
