@@ -175,8 +175,8 @@ def plot(results, lengths, out_dir):
 
 
 def markdown(meta, results, ablation) -> str:
-    """The study as Markdown tables (what RESULTS.md quotes): one row per setting and method,
-    the time split both per run and per verification step, then the ablation's tau."""
+    """The study as Markdown tables (what RESULTS.md quotes): one row per setting and method
+    (prefill per run, draft / verify / other per verification step), then the ablation's tau."""
     lines = [f"tree {meta['tree']}, {meta['videos']} video(s) per setting, {meta['threads']} thread(s), "
              f"torch {meta['torch']}, `{' '.join(meta['argv'])}`", "",
              "| T | visual tokens | method | tau | decoding speedup | end-to-end speedup | decode tok/s | prefill s "
