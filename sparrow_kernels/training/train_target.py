@@ -4,12 +4,15 @@ Data is generated on the fly from seeds (stateless: batch k is a function of the
 and k, so a resumed run sees exactly the batches it would have seen). fp32 by default
 (bf16 autocast with --bf16: faster only on CPUs with native bf16), AdamW with a cosine
 schedule, tqdm progress, periodic safetensors checkpoints with a config JSON and the
-tokenizer, resume, and a quick held-out caption-accuracy eval. It must not touch the
-committed checkpoint unless asked (`--export`).
+tokenizer, resume, an optional exponential moving average of the weights, and a quick
+caption-accuracy eval on validation videos (held-out seeds from `--eval-first-video` on, apart
+from the test videos that `benchmarks/caption_accuracy.py` scores) that keeps the best
+checkpoint in OUT/best. It must not touch the committed checkpoint unless asked (`--export`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -59,6 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-minutes", type=float, default=4.0)
     p.add_argument("--eval-minutes", type=float, default=10.0)
     p.add_argument("--eval-videos", type=int, default=24)
+    p.add_argument("--eval-first-video", type=int, default=5000,
+                   help="first held-out index of the validation videos (the test videos of "
+                        "benchmarks/caption_accuracy.py start at 0; keep the two apart)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="decay of an exponential moving average of the weights (0: off); with it, the "
+                        "evals, OUT/best and the export use the averaged weights")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0: auto, 2 when the machine is idle, else 1; re-checked as it runs)")
     p.add_argument("--bf16", action="store_true",
@@ -70,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="start from the weights of this checkpoint directory (same architecture; fine-tuning)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last if it exists")
     p.add_argument("--export", default=None, help="also copy the final checkpoint to this directory")
+    p.add_argument("--export-which", choices=("best", "last"), default="best",
+                   help="which checkpoint --export copies: the best validation eval (default) or the last")
     return p.parse_args(argv)
 
 
@@ -119,7 +130,8 @@ def make_batch(run_seed: int, step: int, args, tok: WordTokenizer, patches_per_f
 @torch.no_grad()
 def caption_accuracy(model: TinyVLM, tok: WordTokenizer, num_frames: int, num_videos: int,
                      first_index: int = 0, batch_size: int = 16) -> float:
-    """Fraction of ground-truth facts stated correctly in greedy captions of held-out videos."""
+    """Fraction of ground-truth facts stated correctly in greedy captions of held-out videos
+    `first_index` .. `first_index + num_videos - 1`."""
     target = TinyVLMTarget(copy.deepcopy(model).float(), tok)
     correct = total = 0
     for start in range(first_index, first_index + num_videos, batch_size):
@@ -157,6 +169,35 @@ def export_checkpoint(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         shutil.copy2(src / name, dst / name)
+
+
+class WeightAverage:
+    """Exponential moving average of a model's floating-point state (parameters and buffers),
+    kept in fp32 beside the model; `swapped_in` puts the average into the model for an eval or
+    a save and restores the trained weights afterwards."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"--ema must lie in (0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()
+                       if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))            # short warm-up of the average
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: torch.nn.Module):
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
+        model.load_state_dict({**model.state_dict(), **self.shadow})
+        try:
+            yield model
+        finally:
+            model.load_state_dict({**model.state_dict(), **saved})
 
 
 def set_threads(requested: int) -> None:
@@ -218,6 +259,15 @@ def main(argv=None) -> int:
             optimizer.load_state_dict(train_state["optimizer"])
             step = int(train_state["step"])
         print(f"resumed from {last} at step {step}", flush=True)
+    average = WeightAverage(model, args.ema) if args.ema > 0 else None
+    if average is not None and args.resume and (last / "ema.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        average.shadow.update(load_file(str(last / "ema.safetensors")))
+    best_dir = out / "best"
+    best_score = -1.0
+    if (best_dir / "meta.json").is_file():
+        best_score = float(json.loads((best_dir / "meta.json").read_text()).get("eval_mean", -1.0))
     log = open(out / "log.jsonl", "a")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tiny VLM: {n_params / 1e6:.2f}M parameters, vocab {tok.vocab_size}; training {args.steps} steps",
@@ -242,6 +292,8 @@ def main(argv=None) -> int:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
+        if average is not None:
+            average.update(model, step)
         tokens_seen += frames.shape[0] * (frames.shape[1] * cfg.patches_per_frame + ids.shape[1])
         elapsed = time.time() - t_start
         bar.update(1)
@@ -256,12 +308,23 @@ def main(argv=None) -> int:
         finished = step >= args.steps or (args.max_minutes > 0 and now - t_start > args.max_minutes * 60)
         if now - t_ckpt > args.checkpoint_minutes * 60 or finished:
             save_checkpoint(last, model, tok, optimizer, step, {"loss": loss.item()})
+            if average is not None:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in average.shadow.items()}, str(last / "ema.safetensors"))
             t_ckpt = now
         if now - t_eval > args.eval_minutes * 60 or finished:
             model.eval()
-            acc = {f: caption_accuracy(model, tok, f, args.eval_videos) for f in (31, 94)}
+            with (average.swapped_in(model) if average is not None else contextlib.nullcontext()):
+                acc = {f: caption_accuracy(model, tok, f, args.eval_videos, args.eval_first_video) for f in (31, 94)}
+                mean = sum(acc.values()) / len(acc)
+                improved = mean > best_score
+                if improved:
+                    best_score = mean
+                    save_checkpoint(best_dir, model, tok, None, step, {"eval_mean": mean, "ema": args.ema})
             model.train()
             record = {"step": step, "eval_caption_facts": {str(k): round(v, 4) for k, v in acc.items()},
+                      "eval_mean": round(mean, 4), "best": improved,
                       "minutes": round((time.time() - t_start) / 60, 2)}
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -271,8 +334,13 @@ def main(argv=None) -> int:
             break
     bar.close()
     if args.export:
-        export_checkpoint(last, Path(args.export))
-        print(f"exported to {args.export}", flush=True)
+        source = best_dir if args.export_which == "best" and (best_dir / "model.safetensors").is_file() else last
+        if source == last and average is not None:
+            with average.swapped_in(model):
+                save_checkpoint(out / "last_ema", model, tok, None, step, {"ema": args.ema})
+            source = out / "last_ema"
+        export_checkpoint(source, Path(args.export))
+        print(f"exported {source} to {args.export}", flush=True)
     return 0
 
 

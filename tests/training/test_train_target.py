@@ -91,3 +91,39 @@ def test_lr_by_time_anneals_by_wall_clock():
     args = parse_args(SMALL + ["--steps", "1000", "--max-minutes", "10", "--lr-by-time"])
     assert lr_at(500, args, minutes=10.0) == pytest.approx(args.lr * args.min_lr_ratio)   # time ran out first
     assert lr_at(500, args, minutes=0.0) == pytest.approx(lr_at(500, parse_args(SMALL + ["--steps", "1000"])))
+
+
+def test_weight_average_tracks_and_swaps_back():
+    from sparrow_kernels.training.train_target import WeightAverage
+
+    model = torch.nn.Linear(3, 2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    average = WeightAverage(model, 0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update(model, step=1000)                      # past the warm-up: decay 0.5
+    torch.testing.assert_close(average.shadow["weight"], start["weight"] + 0.5)
+    trained = model.weight.detach().clone()
+    with average.swapped_in(model):
+        torch.testing.assert_close(model.weight.detach(), start["weight"] + 0.5)
+    torch.testing.assert_close(model.weight.detach(), trained)     # the trained weights come back
+    with pytest.raises(ValueError, match="--ema"):
+        WeightAverage(model, 1.0)
+
+
+def test_best_checkpoint_is_kept_and_exported(tmp_path):
+    out, export = tmp_path / "run", tmp_path / "export"
+    assert main(SMALL + ["--out", str(out), "--steps", "6", "--ema", "0.9", "--eval-minutes", "0",
+                         "--eval-first-video", "7", "--export", str(export)]) == 0
+    records = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if "eval_mean" in l]
+    assert len(records) == 6                              # --eval-minutes 0: an eval after every step
+    best = max(records, key=lambda r: r["eval_mean"])
+    first_best = next(r for r in records if r["eval_mean"] == best["eval_mean"])
+    meta = json.loads((out / "best" / "meta.json").read_text())
+    assert meta["step"] == first_best["step"] and meta["eval_mean"] == pytest.approx(best["eval_mean"])
+    assert (out / "last" / "ema.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    exported = load_file(str(export / "model.safetensors"))
+    kept = load_file(str(out / "best" / "model.safetensors"))
+    assert all(torch.equal(exported[k], kept[k]) for k in kept)
