@@ -122,13 +122,19 @@ def _extension(with_cuda: bool):
         cxx_flags.append("-g0")  # Python's default -g triples compile time and .so size
     if werror:
         cxx_flags.append("-Werror")
+    # at::parallel_for runs its body serially unless the extension itself is built with OpenMP;
+    # the libgomp.so.1 it links is the one torch has already loaded (same soname)
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     sources = sorted(glob.glob("csrc/*.cpp"))
     include_dirs = [str(ROOT / "csrc")]
     define_macros = [("SPARROW_PYTHON_MODULE", None)]
     if not with_cuda:
         return cpp_extension.CppExtension(
             "sparrow_kernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags})
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     if werror:
@@ -137,7 +143,8 @@ def _extension(with_cuda: bool):
     define_macros.append(("SPARROW_WITH_CUDA", None))
     return cpp_extension.CUDAExtension(
         "sparrow_kernels._C", sources, include_dirs=include_dirs + _cuda_wheel_include_dirs(),
-        define_macros=define_macros, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+        define_macros=define_macros, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags)
 
 
 def _packages() -> tuple[list[str], dict[str, str]]:

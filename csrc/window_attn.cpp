@@ -2,6 +2,9 @@
 // Each query visits only its visible keys (anchors, window, tree nodes), so the cost is
 // O(Tq * (window + n_anchor + Tq)), not O(Tq * Tk); fp32 accumulation (fp64 for fp64 inputs).
 // Inputs are validated by csrc/checks.h only; this file must not change the op semantics.
+// fp32 with window <= 0: keys that every query of a row sees (a long visual prefix) are first
+// scored for all queries at once by csrc/window_attn_shared.cpp; each query then continues
+// from that online-softmax state over its own remaining keys.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -14,6 +17,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "window_attn_shared.h"
 
 namespace sparrow {
 namespace {
@@ -29,6 +33,7 @@ struct VisibleKeys {
   int64_t tree_start = 0;      // slot of tree node 0
   const bool* tree_row = nullptr;  // tree_mask[b, i, :] or nullptr
   int64_t n_tree = 0;
+  int64_t skip = 0;            // prefix slots below this are already done (shared phase)
 
   // Calls process(n) for consecutive blocks of up to kKeyBlock visible slots written to `slots`.
   template <typename F>
@@ -41,8 +46,8 @@ struct VisibleKeys {
         n = 0;
       }
     };
-    for (int64_t j = 0; j < anchor_end; ++j) push(j);
-    for (int64_t j = std::max(window_begin, anchor_end); j < prefix_end; ++j) push(j);
+    for (int64_t j = skip; j < anchor_end; ++j) push(j);
+    for (int64_t j = std::max(std::max(window_begin, anchor_end), skip); j < prefix_end; ++j) push(j);
     for (int64_t t = 0; t < n_tree; ++t) {
       if (tree_row[t]) push(tree_start + t);
     }
@@ -127,7 +132,8 @@ struct RowInputs {
 // ------------------------------------------------------------------------------ forward
 template <typename scalar_t>
 void window_attn_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const RowInputs& rows,
-                                int64_t window, int64_t n_anchor, double scale, at::Tensor& out, at::Tensor& lse) {
+                                int64_t window, int64_t n_anchor, double scale, at::Tensor& out, at::Tensor& lse,
+                                const std::vector<int64_t>& shared_end = {}, const at::Tensor& shared = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1);
   const int64_t group = Hq / Hkv;
@@ -155,10 +161,23 @@ void window_attn_forward_kernel(const at::Tensor& q, const at::Tensor& k, const 
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+      VisibleKeys keys = rows.keys(b, i, Tq, window, n_anchor);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (shared.defined() && shared_end[b] > 0) {  // continue from the shared phase's state
+          const int64_t W = D + 2;
+          for (int64_t g = 0; g < group; ++g) {
+            const float* st = shared.data_ptr<float>() + ((b * Hq + hkv * group + g) * Tq + i) * W;
+            std::copy(st, st + D, acc.begin() + g * D);
+            row_max[g] = st[D];
+            row_sum[g] = st[D + 1];
+          }
+          keys.skip = shared_end[b];
+        }
+      }
       const scalar_t* k_base = k_data + b * k.stride(0) + hkv * k.stride(1);
       const scalar_t* v_base = v_data + b * v.stride(0) + hkv * v.stride(1);
 
-      rows.keys(b, i, Tq, window, n_anchor).for_each_block(slots, [&](int64_t n) {
+      keys.for_each_block(slots, [&](int64_t n) {
         load_rows(k_base, k.stride(2), slots, n, D, k_buffer.data(), k_rows);
         load_rows(v_base, v.stride(2), slots, n, D, v_buffer.data(), v_rows);
         for (int64_t g = 0; g < group; ++g) {
@@ -214,8 +233,25 @@ std::tuple<at::Tensor, at::Tensor> window_attn_cpu(const at::Tensor& q, const at
     return {out, lse};
   }
   const RowInputs rows(kv_len, q_pos, tree_mask);
+  const double softmax_scale = resolve_scale(scale, q.size(3));
+  if (q.scalar_type() == at::kFloat && window <= 0) {
+    // the prefix slots every query of row b sees: [0, min_i prefix_end(b, i))
+    std::vector<int64_t> shared_end(B, 0);
+    bool any = false;
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t common = std::numeric_limits<int64_t>::max();
+      for (int64_t i = 0; i < Tq; ++i) common = std::min(common, rows.keys(b, i, Tq, window, n_anchor).prefix_end);
+      shared_end[b] = common >= kMinSharedKeys ? common : 0;
+      any = any || shared_end[b] > 0;
+    }
+    if (any) {
+      const at::Tensor state = window_attn_shared_prefix(q, k, v, shared_end, softmax_scale);
+      window_attn_forward_kernel<float>(q, k, v, rows, window, n_anchor, softmax_scale, out, lse, shared_end, state);
+      return {out, lse};
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "window_attn_cpu", [&] {
-    window_attn_forward_kernel<scalar_t>(q, k, v, rows, window, n_anchor, resolve_scale(scale, q.size(3)), out, lse);
+    window_attn_forward_kernel<scalar_t>(q, k, v, rows, window, n_anchor, softmax_scale, out, lse);
   });
   return {out, lse};
 }

@@ -380,11 +380,9 @@ class _TreeKeys:
 
 def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Unmasked softmax attention and its log-sum-exp: q [B, H, M, D], k, v [B, H, T, D] ->
-    (out [B, H, M, D], lse [B, H, M]). PyTorch's CPU flash kernel returns both in one pass;
-    elsewhere the sparrow op does (window <= 0: every key, no anchors, no tree)."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
-        return out, lse
+    (out [B, H, M, D], lse [B, H, M]), by the sparrow op (window <= 0: every key, no anchors,
+    no tree). On the CPU its shared-prefix path scores each key block against all M query rows
+    at once, so a tree's queries read the visual keys once, as a plain decode step does."""
     from sparrow_kernels import ops
 
     B, _, M, D = q.shape

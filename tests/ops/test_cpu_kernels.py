@@ -40,6 +40,57 @@ def window_inputs(B, Hkv, group, Tq, Tk, D, dtype, seed, tree=False):
     return q, k, v, kv_len, q_pos, tree_mask
 
 
+# ----------------------------------------------------------------------------- shared-prefix path
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 2), group=st.integers(1, 4), Tq=st.integers(1, 9),
+       D=st.sampled_from([8, 20, 32, 40, 64]), window=st.sampled_from([0, -1]), n_anchor=st.integers(0, 6),
+       layout=st.sampled_from(["tree", "chain", "random_pos"]), threads=st.sampled_from([1, 2, 3]),
+       seed=st.integers(0, 2**16))
+def test_long_shared_prefix_path_matches_reference(B, Hkv, group, Tq, D, window, n_anchor, layout, threads, seed):
+    """fp32 with an unlimited window: the keys every query of a row sees (>= 256 of them) go
+    through csrc/window_attn_shared.cpp (all of a head's queries per key block, key chunks
+    across threads, merged by log-sum-exp), the rest through the per-query path. Ragged rows
+    (some too short for the shared path), odd query-row counts, head dims that are not a
+    multiple of 8 or 32, trees, queries at random positions, and NaN past each row's kv_len."""
+    gen = torch.Generator().manual_seed(seed)
+    Tk = 1400
+    tree = layout == "tree" and Tq > 1
+    q = torch.randn(B, Hkv * group, Tq, D, generator=gen)                                     # [B, Hq, Tq, D]
+    k = torch.randn(B, Hkv, Tk, D, generator=gen) * 2
+    v = torch.randn(B, Hkv, Tk, D, generator=gen)
+    kv_len = torch.randint(Tq, Tk + 1, (B,), generator=gen)                                  # [B]
+    kv_len[0] = torch.randint(600, Tk + 1, (1,), generator=gen)                             # one row surely long
+    if layout == "random_pos":
+        q_pos = (torch.rand(B, Tq, generator=gen) * kv_len[:, None]).long()                   # [B, Tq]
+    else:
+        q_pos = (kv_len[:, None] - Tq + torch.arange(Tq)[None, :]).clamp_min(0)
+    tree_mask = ((torch.rand(B, Tq, Tq, generator=gen) < 0.5) | torch.eye(Tq, dtype=torch.bool)) if tree else None
+    gold_out, gold_lse = reference.window_attn(q.double(), k.double(), v.double(), kv_len, q_pos, window, n_anchor,
+                                               tree_mask, 0.0)
+    for b in range(B):
+        k[b, :, int(kv_len[b]):] = float("nan")
+        v[b, :, int(kv_len[b]):] = float("nan")
+    with num_threads(threads):
+        out, lse = ops.window_attn(q, k, v, kv_len, q_pos, window, n_anchor, tree_mask, 0.0)
+    torch.testing.assert_close(out.double(), gold_out, atol=5e-6, rtol=5e-6)
+    torch.testing.assert_close(lse.double(), gold_lse, atol=5e-6, rtol=5e-6)
+
+
+def test_shared_prefix_path_is_thread_count_independent_up_to_rounding():
+    """The key chunks follow the thread count; the results agree to fp32 rounding."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 14, 32, generator=gen)
+    k, v = torch.randn(1, 2, 5000, 32, generator=gen), torch.randn(1, 2, 5000, 32, generator=gen)
+    kv_len, q_pos = torch.tensor([5000]), torch.full((1, 14), 4999)
+    runs = []
+    for threads in (1, 2, 4):
+        with num_threads(threads):
+            runs.append(ops.window_attn(q, k, v, kv_len, q_pos, 0, 0, None, 0.0))
+    for out, lse in runs[1:]:
+        torch.testing.assert_close(out, runs[0][0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(lse, runs[0][1], atol=1e-6, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- window skipping
 @settings(max_examples=8)
 @given(window=st.integers(1, 24), n_anchor=st.integers(0, 6), tree=st.booleans(), seed=st.integers(0, 2**16))
