@@ -3,8 +3,9 @@
 // Why: a tree verification step over a long video has N tree queries (x the GQA group) that
 // all see the same tens of thousands of visual keys. The per-query path reads every key once
 // per query; here a work item = (row b, KV head, key chunk) loads each key block once, scores
-// it against all of the head's query rows (register-blocked outer products over a transposed
-// key block), and keeps a flash-style online softmax per row. Chunks along the keys give the
+// it against all of the head's query rows (the queries, transposed once, sit in the vector
+// lanes: register-blocked outer products with the keys read in place), and keeps a
+// flash-style online softmax per row, 8 rows per vector. Chunks along the keys give the
 // threads work even at batch 1 with one or two KV heads; their partial states are merged by
 // log-sum-exp. The hot loop is compiled twice (x86-64 baseline, and AVX2 + FMA) and
 // picked at run time, so a wheel built for any x86-64 CPU still runs vectorised where it can.
@@ -25,7 +26,7 @@
 namespace sparrow {
 namespace {
 
-constexpr int64_t kBlock = 64;    // keys per block: the scores of a row pair stay in registers / L1
+constexpr int64_t kBlock = 64;    // keys per block: its [kBlock, rows] scores stay in L1
 constexpr int64_t kDTile = 32;    // output features per accumulator tile in the P @ V update
 constexpr int64_t kMinChunk = 512;  // fewest keys per work item
 
@@ -77,61 +78,109 @@ SPARROW_INLINE v8f exp_nonpositive(v8f x) {
 }
 
 struct Chunk {
-  const float* q;     // [R, D] query rows of one (b, KV head), contiguous, softmax scale folded in
+  const float* qt;    // [D, Rp] query rows of one (b, KV head), transposed, scale folded in, rows >= R zero
   const float* k;     // key slot 0 of this (b, KV head); row stride k_stride
   const float* v;
   int64_t k_stride, v_stride;
   int64_t begin, end;  // key slots of this chunk
-  int64_t R, D;
+  int64_t R, Rp, D;    // query rows, rows padded to a multiple of 8, head dim
   float* state;        // [R, D + 2]: acc, m, l
-  float* kt;           // scratch [D, kBlock], 32-byte aligned
+  float* scores;       // scratch [kBlock, Rp]: scores, then weights, of one key block
+  float* m;            // scratch [Rp]: running max per row
+  float* l;            // scratch [Rp]: running sum per row
+  float* corr;         // scratch [Rp]: this block's rescale per row
 };
 
-// Scores of rows q0, q1 against the transposed key block kt [D, kBlock]: s0, s1 [kBlock].
-// Per feature d: 4 key vectors loaded once, 8 FMAs (two rows x 32 keys) into registers.
-SPARROW_INLINE void score_pair(const float* q0, const float* q1, const float* kt, int64_t D, float* s0, float* s1) {
-  for (int64_t jb = 0; jb < kBlock; jb += 32) {
-    v8f a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
+// The last 1-3 row vectors of score_block (or all of them when the rows are few, e.g. a
+// plain decode step): 4 keys per pass so that 4 * WIDTH FMA chains are in flight.
+template <int WIDTH>
+SPARROW_INLINE void score_narrow_fixed(const Chunk& c, int64_t j0, int64_t n, int64_t r0) {
+  const int64_t D = c.D, Rp = c.Rp;
+  for (int64_t j = 0; j < n; j += 4) {
+    const float* kr[4];
+    for (int u = 0; u < 4; ++u) kr[u] = c.k + (j0 + std::min(j + u, n - 1)) * c.k_stride;  // past n: a repeat
+    v8f acc[WIDTH][4];
+    for (int t = 0; t < WIDTH; ++t)
+      for (int u = 0; u < 4; ++u) acc[t][u] = v8f{};
     for (int64_t d = 0; d < D; ++d) {
-      const float* kk = kt + d * kBlock + jb;
-      const v8f k0 = load8(kk), k1 = load8(kk + 8), k2 = load8(kk + 16), k3 = load8(kk + 24);
-      const v8f x = splat(q0[d]), y = splat(q1[d]);
-      a0 += x * k0; a1 += x * k1; a2 += x * k2; a3 += x * k3;
-      b0 += y * k0; b1 += y * k1; b2 += y * k2; b3 += y * k3;
+      const v8f x0 = splat(kr[0][d]), x1 = splat(kr[1][d]), x2 = splat(kr[2][d]), x3 = splat(kr[3][d]);
+      for (int t = 0; t < WIDTH; ++t) {
+        const v8f qv = load8(c.qt + d * Rp + r0 + 8 * t);
+        acc[t][0] += x0 * qv; acc[t][1] += x1 * qv; acc[t][2] += x2 * qv; acc[t][3] += x3 * qv;
+      }
     }
-    store8(s0 + jb, a0); store8(s0 + jb + 8, a1); store8(s0 + jb + 16, a2); store8(s0 + jb + 24, a3);
-    store8(s1 + jb, b0); store8(s1 + jb + 8, b1); store8(s1 + jb + 16, b2); store8(s1 + jb + 24, b3);
+    for (int u = 0; u < 4 && j + u < n; ++u)
+      for (int t = 0; t < WIDTH; ++t) store8(c.scores + (j + u) * Rp + r0 + 8 * t, acc[t][u]);
   }
 }
 
-// Online-softmax update of one row with its block scores s [kBlock] (n valid); s becomes the
-// weights exp(s - m_new) (0 past n). Returns the rescale factor of the row's accumulator.
-SPARROW_INLINE float softmax_update(float* s, int64_t n, float* m, float* l) {
-  for (int64_t j = n; j < kBlock; ++j) s[j] = -std::numeric_limits<float>::infinity();
-  v8f vmax = load8(s);
-  for (int64_t j = 8; j < kBlock; j += 8) {
-    const v8f x = load8(s + j);
-    vmax = x > vmax ? x : vmax;
-  }
-  const float m_new = std::max(*m, hmax(vmax));
-  const float correction = std::exp(*m - m_new);  // 0 on the row's first block (m = -inf)
-  v8f vsum = {};
-  for (int64_t j = 0; j < kBlock; j += 8) {
-    v8f p = exp_nonpositive(load8(s + j) - m_new);
-    if (j + 8 > n) {  // the block's tail past n: weight 0
-      for (int u = 0; u < 8; ++u) p[u] = j + u < n ? p[u] : 0.0f;
-    }
-    store8(s + j, p);
-    vsum += p;
-  }
-  *l = *l * correction + hsum(vsum);
-  *m = m_new;
-  return correction;
+SPARROW_INLINE void score_narrow(const Chunk& c, int64_t j0, int64_t n, int64_t r0, int64_t width) {
+  if (width == 1) score_narrow_fixed<1>(c, j0, n, r0);
+  else if (width == 2) score_narrow_fixed<2>(c, j0, n, r0);
+  else score_narrow_fixed<3>(c, j0, n, r0);
 }
 
-// acc0 = acc0 * c0 + P0 @ V, acc1 likewise, over the n keys of the block starting at slot j0.
-SPARROW_INLINE void accumulate_pair(const float* p0, const float* p1, float c0, float c1, const float* v,
-                                    int64_t v_stride, int64_t j0, int64_t n, int64_t D, float* acc0, float* acc1) {
+// scores[j, r] = k_j . q_r for the n keys of the block at j0 and the 32 rows from r0
+// (query rows in the vector lanes: per feature, 4 query vectors loaded once and 2 keys
+// broadcast, 8 FMAs into registers; the keys are read in place, no transpose).
+SPARROW_INLINE void score_block(const Chunk& c, int64_t j0, int64_t n, int64_t r0, int64_t width) {
+  if (width < 4) return score_narrow(c, j0, n, r0, width);
+  const int64_t D = c.D, Rp = c.Rp;
+  for (int64_t j = 0; j < n; j += 2) {
+    const float* k0 = c.k + (j0 + j) * c.k_stride;
+    const float* k1 = j + 1 < n ? k0 + c.k_stride : k0;  // an odd last key is scored twice
+    {
+      v8f a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
+      for (int64_t d = 0; d < D; ++d) {
+        const float* qd = c.qt + d * Rp + r0;
+        const v8f q0 = load8(qd), q1 = load8(qd + 8), q2 = load8(qd + 16), q3 = load8(qd + 24);
+        const v8f x = splat(k0[d]), y = splat(k1[d]);
+        a0 += x * q0; a1 += x * q1; a2 += x * q2; a3 += x * q3;
+        b0 += y * q0; b1 += y * q1; b2 += y * q2; b3 += y * q3;
+      }
+      float* s0 = c.scores + j * Rp + r0;
+      store8(s0, a0); store8(s0 + 8, a1); store8(s0 + 16, a2); store8(s0 + 24, a3);
+      if (j + 1 < n) {
+        float* s1 = s0 + Rp;
+        store8(s1, b0); store8(s1 + 8, b1); store8(s1 + 16, b2); store8(s1 + 24, b3);
+      }
+    }
+  }
+}
+
+// Online softmax over the block, 8 rows per vector: new running max, the rescale of each
+// row's accumulator (corr), the weights exp(s - m) in place of the scores, the running sums.
+SPARROW_INLINE void softmax_block(const Chunk& c, int64_t n) {
+  const int64_t Rp = c.Rp;
+  for (int64_t r = 0; r < Rp; r += 8) {
+    v8f block_max = load8(c.scores + r);
+    for (int64_t j = 1; j < n; ++j) {
+      const v8f x = load8(c.scores + j * Rp + r);
+      block_max = x > block_max ? x : block_max;
+    }
+    const v8f m_old = load8(c.m + r);
+    const v8f m_new = block_max > m_old ? block_max : m_old;
+    store8(c.corr + r, exp_nonpositive(m_old - m_new));  // ~0 on the first block (m_old = -inf, acc = 0)
+    v8f sum = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const v8f p = exp_nonpositive(load8(c.scores + j * Rp + r) - m_new);
+      store8(c.scores + j * Rp + r, p);
+      sum += p;
+    }
+    store8(c.l + r, load8(c.l + r) * load8(c.corr + r) + sum);
+    store8(c.m + r, m_new);
+  }
+}
+
+// acc_r = acc_r * corr_r + sum_j w[j, r] v_j for rows r0 and r1 (r1 may equal r0: then both
+// halves compute and store the same values), over the n keys of the block at j0.
+SPARROW_INLINE void accumulate_pair(const Chunk& c, int64_t j0, int64_t n, int64_t r0, int64_t r1) {
+  const int64_t D = c.D, W = D + 2, Rp = c.Rp;
+  float* acc0 = c.state + r0 * W;
+  float* acc1 = c.state + r1 * W;
+  const float c0 = c.corr[r0], c1 = c.corr[r1];
+  const float* w = c.scores;
+  const float* v = c.v + j0 * c.v_stride;
   int64_t d0 = 0;
   for (; d0 + kDTile <= D; d0 += kDTile) {  // 8 independent FMA chains; each V row loaded once for both rows
     v8f a0 = load8(acc0 + d0) * c0, a1 = load8(acc0 + d0 + 8) * c0;
@@ -139,9 +188,9 @@ SPARROW_INLINE void accumulate_pair(const float* p0, const float* p1, float c0, 
     v8f b0 = load8(acc1 + d0) * c1, b1 = load8(acc1 + d0 + 8) * c1;
     v8f b2 = load8(acc1 + d0 + 16) * c1, b3 = load8(acc1 + d0 + 24) * c1;
     for (int64_t j = 0; j < n; ++j) {
-      const float* vr = v + (j0 + j) * v_stride + d0;
+      const float* vr = v + j * c.v_stride + d0;
       const v8f v0 = load8(vr), v1 = load8(vr + 8), v2 = load8(vr + 16), v3 = load8(vr + 24);
-      const v8f x = splat(p0[j]), y = splat(p1[j]);
+      const v8f x = splat(w[j * Rp + r0]), y = splat(w[j * Rp + r1]);
       a0 += x * v0; a1 += x * v1; a2 += x * v2; a3 += x * v3;
       b0 += y * v0; b1 += y * v1; b2 += y * v2; b3 += y * v3;
     }
@@ -151,9 +200,9 @@ SPARROW_INLINE void accumulate_pair(const float* p0, const float* p1, float c0, 
   for (; d0 + 8 <= D; d0 += 8) {
     v8f a0 = load8(acc0 + d0) * c0, b0 = load8(acc1 + d0) * c1;
     for (int64_t j = 0; j < n; ++j) {
-      const v8f v0 = load8(v + (j0 + j) * v_stride + d0);
-      a0 += splat(p0[j]) * v0;
-      b0 += splat(p1[j]) * v0;
+      const v8f v0 = load8(v + j * c.v_stride + d0);
+      a0 += splat(w[j * Rp + r0]) * v0;
+      b0 += splat(w[j * Rp + r1]) * v0;
     }
     store8(acc0 + d0, a0);
     store8(acc1 + d0, b0);
@@ -161,9 +210,9 @@ SPARROW_INLINE void accumulate_pair(const float* p0, const float* p1, float c0, 
   for (int64_t d = d0; d < D; ++d) {  // head dims that are not a multiple of 8
     float a = acc0[d] * c0, b = acc1[d] * c1;
     for (int64_t j = 0; j < n; ++j) {
-      const float vd = v[(j0 + j) * v_stride + d];
-      a += p0[j] * vd;
-      b += p1[j] * vd;
+      const float vd = v[j * c.v_stride + d];
+      a += w[j * Rp + r0] * vd;
+      b += w[j * Rp + r1] * vd;
     }
     acc0[d] = a;
     acc1[d] = b;
@@ -171,37 +220,19 @@ SPARROW_INLINE void accumulate_pair(const float* p0, const float* p1, float c0, 
 }
 
 SPARROW_INLINE void chunk_body(const Chunk& c) {
-  const int64_t R = c.R, D = c.D, W = D + 2;
-  for (int64_t r = 0; r < R; ++r) {
-    float* st = c.state + r * W;
-    std::fill(st, st + D, 0.0f);
-    st[D] = -std::numeric_limits<float>::infinity();
-    st[D + 1] = 0.0f;
-  }
-  alignas(64) float s0[kBlock];
-  alignas(64) float s1[kBlock];
+  const int64_t R = c.R, Rp = c.Rp, D = c.D, W = D + 2;
+  std::fill(c.state, c.state + R * W, 0.0f);
+  std::fill(c.m, c.m + Rp, -std::numeric_limits<float>::infinity());
+  std::fill(c.l, c.l + Rp, 0.0f);
   for (int64_t j0 = c.begin; j0 < c.end; j0 += kBlock) {
     const int64_t n = std::min(kBlock, c.end - j0);
-    for (int64_t j = 0; j < n; ++j) {  // transpose the key block: kt[d, j]
-      const float* kr = c.k + (j0 + j) * c.k_stride;
-      for (int64_t d = 0; d < D; ++d) c.kt[d * kBlock + j] = kr[d];
-    }
-    for (int64_t j = n; j < kBlock; ++j) {
-      for (int64_t d = 0; d < D; ++d) c.kt[d * kBlock + j] = 0.0f;
-    }
-    for (int64_t r = 0; r < R; r += 2) {
-      const int64_t r1 = std::min(r + 1, R - 1);  // an odd last row is paired with itself
-      float* st0 = c.state + r * W;
-      float* st1 = c.state + r1 * W;
-      score_pair(c.q + r * D, c.q + r1 * D, c.kt, D, s0, s1);
-      const float c0 = softmax_update(s0, n, st0 + D, st0 + D + 1);
-      if (r1 == r) {  // odd last row: both halves of the pair compute (and store) the same values
-        accumulate_pair(s0, s0, c0, c0, c.v, c.v_stride, j0, n, D, st0, st0);
-        continue;
-      }
-      const float c1 = softmax_update(s1, n, st1 + D, st1 + D + 1);
-      accumulate_pair(s0, s1, c0, c1, c.v, c.v_stride, j0, n, D, st0, st1);
-    }
+    for (int64_t r0 = 0; r0 < Rp; r0 += 32) score_block(c, j0, n, r0, std::min<int64_t>(4, (Rp - r0) / 8));
+    softmax_block(c, n);
+    for (int64_t r = 0; r < R; r += 2) accumulate_pair(c, j0, n, r, std::min(r + 1, R - 1));
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    c.state[r * W + D] = c.m[r];
+    c.state[r * W + D + 1] = c.l[r];
   }
 }
 
@@ -228,10 +259,21 @@ void run_chunk(const Chunk& c) {
 at::Tensor window_attn_shared_prefix(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const std::vector<int64_t>& shared_end, double scale) {
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1);
-  const int64_t group = Hq / Hkv, R = group * Tq, W = D + 2;
-  // query rows of one (b, KV head) as one contiguous [R, D] tile: (g, i) -> g * Tq + i, the
-  // same order as q[b, hkv * group + g, i], scaled once here
-  const at::Tensor q_tiles = (q.to(at::kFloat) * scale).contiguous();  // [B, Hq, Tq, D]
+  const int64_t group = Hq / Hkv, R = group * Tq, W = D + 2, Rp = (R + 7) / 8 * 8;
+  // query rows of one (b, KV head), (g, i) -> row g * Tq + i (the order of q[b, hkv * group + g, i]),
+  // transposed to [D, Rp] with the softmax scale folded in and zero rows as padding
+  const at::Tensor q32 = q.to(at::kFloat).contiguous();                     // [B, Hq, Tq, D]
+  std::vector<float> qt(static_cast<size_t>(B * Hkv * D * Rp), 0.0f);
+  {
+    const float* src = q32.data_ptr<float>();
+    const float s = static_cast<float>(scale);
+    for (int64_t bh = 0; bh < B * Hkv; ++bh) {
+      for (int64_t r = 0; r < R; ++r) {
+        const float* row = src + (bh * R + r) * D;                          // heads of a group are adjacent
+        for (int64_t d = 0; d < D; ++d) qt[(bh * D + d) * Rp + r] = row[d] * s;
+      }
+    }
+  }
   at::Tensor state = at::empty({B, Hq, Tq, W}, q.options().dtype(at::kFloat));
   float* state_data = state.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
@@ -257,11 +299,10 @@ at::Tensor window_attn_shared_prefix(const at::Tensor& q, const at::Tensor& k, c
   if (items == 0) return state;
   // partial states of every chunk: [items, R, W]
   std::vector<float> partial(static_cast<size_t>(items * R * W));
-  const float* q_data = q_tiles.data_ptr<float>();
   const float* k_data = k.data_ptr<float>();
   const float* v_data = v.data_ptr<float>();
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(static_cast<size_t>(D * kBlock));
+    std::vector<float> scratch(static_cast<size_t>(kBlock * Rp + 3 * Rp));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin() - 1;
       const int64_t local = item - first_item[b];
@@ -269,7 +310,7 @@ at::Tensor window_attn_shared_prefix(const at::Tensor& q, const at::Tensor& k, c
       const int64_t keys = shared_end[b];
       const int64_t per = (keys + chunks[b] - 1) / chunks[b];
       Chunk c;
-      c.q = q_data + (b * Hq + hkv * group) * Tq * D;
+      c.qt = qt.data() + (b * Hkv + hkv) * D * Rp;
       c.k = k_data + b * k.stride(0) + hkv * k.stride(1);
       c.v = v_data + b * v.stride(0) + hkv * v.stride(1);
       c.k_stride = k.stride(2);
@@ -277,9 +318,13 @@ at::Tensor window_attn_shared_prefix(const at::Tensor& q, const at::Tensor& k, c
       c.begin = chunk * per;
       c.end = std::min(keys, c.begin + per);
       c.R = R;
+      c.Rp = Rp;
       c.D = D;
       c.state = partial.data() + item * R * W;
-      c.kt = kt.data();
+      c.scores = scratch.data();
+      c.m = c.scores + kBlock * Rp;
+      c.l = c.m + Rp;
+      c.corr = c.l + Rp;
       run_chunk(c);
     }
   });
