@@ -89,7 +89,9 @@ def window_attn_cases(device, quick):
     """(name, B, Hq, Hkv, Tq, D, Tk, window, n_anchor, tree) sweep.
 
     GPU: Qwen2.5-VL-7B attention shape (28 query / 4 KV heads x 128), decode with windows
-    64..8192 over KV 1k..32k, batch 1..32, and a 30-node draft tree. CPU: a small subset.
+    64..8192 over KV 1k..32k, batch 1..32, and a 30-node draft tree. CPU: a small subset,
+    plus the built-in tiny video LM's shapes (4 query / 2 KV heads x 32): a decode step and a
+    14-node tree verification over 25k visual keys, unlimited window (the shared-prefix path).
     """
     if device.type == "cuda" and not quick:
         for B in (1, 8, 32):
@@ -109,6 +111,8 @@ def window_attn_cases(device, quick):
         if not quick:
             yield "decode B=4 kv=16384 w=2048", 4, 8, 2, 1, 64, 16384, 2048, 16, False
             yield "prefill B=1 T=1024 w=256", 1, 8, 2, 1024, 64, 1024, 256, 16, False
+            yield "tinyvlm decode B=1 kv=25000 w=0", 1, 4, 2, 1, 32, 25000, 0, 0, False
+            yield "tinyvlm tree14 B=1 kv=25000 w=0", 1, 4, 2, 14, 32, 25000, 0, 0, True
 
 
 def random_tree_mask(B, N, device, gen):
