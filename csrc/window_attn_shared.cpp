@@ -51,25 +51,25 @@ SPARROW_INLINE float hmax(v8f v) {
 }
 SPARROW_INLINE float hsum(v8f v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 
-// exp(x) for x <= 0 (scores minus their running max), 8 lanes: Cody-Waite range reduction
-// and a degree-6 polynomial, ~2 ulp. Inputs below -87 give ~1e-38 instead of a denormal or
-// 0 (relative effect on a softmax sum: < 1e-37).
-SPARROW_INLINE v8f exp_nonpositive(v8f x) {
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  const v8f t = x * 1.44269504088896341f + 0.5f;
+// 2^x for x <= 0 (base-2 scores minus their running max), 8 lanes: x = n + f with n an
+// integer and |f| <= 1/2, 2^f by its degree-6 Taylor polynomial in f (relative error
+// < 2e-7), 2^n by the exponent bits. Inputs below -126 give 2^-126 instead of a denormal
+// or 0 (relative effect on a softmax sum: < 1e-37).
+SPARROW_INLINE v8f exp2_nonpositive(v8f x) {
+  x = x < splat(-126.0f) ? splat(-126.0f) : x;
+  const v8f t = x + 0.5f;
   v8i n = __builtin_convertvector(t, v8i);                  // truncation ...
   v8f nf = __builtin_convertvector(n, v8f);
   const v8i above = nf > t;                                  // ... corrected to floor(t)
   n = n + above;
   nf = nf + __builtin_convertvector(above, v8f);
-  v8f f = x - nf * 0.693359375f;
-  f = f + nf * 2.12194440e-4f;
-  v8f p = splat(1.0f / 720.0f);
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
+  const v8f f = x - nf;
+  v8f p = splat(1.5403530393381606e-4f);
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
   p = p * f + 1.0f;
   const v8i bits = (n + 127) << 23;
   v8f scale;
@@ -78,7 +78,8 @@ SPARROW_INLINE v8f exp_nonpositive(v8f x) {
 }
 
 struct Chunk {
-  const float* qt;    // [D, Rp] query rows of one (b, KV head), transposed, scale folded in, rows >= R zero
+  const float* qt;    // [D, Rp] query rows of one (b, KV head), transposed, scale * log2(e) folded in
+                      // (scores in base 2), rows >= R zero
   const float* k;     // key slot 0 of this (b, KV head); row stride k_stride
   const float* v;
   int64_t k_stride, v_stride;
@@ -86,7 +87,7 @@ struct Chunk {
   int64_t R, Rp, D;    // query rows, rows padded to a multiple of 8, head dim
   float* state;        // [R, D + 2]: acc, m, l
   float* scores;       // scratch [kBlock, Rp]: scores, then weights, of one key block
-  float* m;            // scratch [Rp]: running max per row
+  float* m;            // scratch [Rp]: running max per row (base 2)
   float* l;            // scratch [Rp]: running sum per row
   float* corr;         // scratch [Rp]: this block's rescale per row
 };
@@ -149,7 +150,8 @@ SPARROW_INLINE void score_block(const Chunk& c, int64_t j0, int64_t n, int64_t r
 }
 
 // Online softmax over the block, 8 rows per vector: new running max, the rescale of each
-// row's accumulator (corr), the weights exp(s - m) in place of the scores, the running sums.
+// row's accumulator (corr), the weights 2^(s - m) (= e^ of the natural-unit difference) in place
+// of the scores, the running sums.
 SPARROW_INLINE void softmax_block(const Chunk& c, int64_t n) {
   const int64_t Rp = c.Rp;
   for (int64_t r = 0; r < Rp; r += 8) {
@@ -160,10 +162,10 @@ SPARROW_INLINE void softmax_block(const Chunk& c, int64_t n) {
     }
     const v8f m_old = load8(c.m + r);
     const v8f m_new = block_max > m_old ? block_max : m_old;
-    store8(c.corr + r, exp_nonpositive(m_old - m_new));  // ~0 on the first block (m_old = -inf, acc = 0)
+    store8(c.corr + r, exp2_nonpositive(m_old - m_new));  // ~0 on the first block (m_old = -inf, acc = 0)
     v8f sum = {};
     for (int64_t j = 0; j < n; ++j) {
-      const v8f p = exp_nonpositive(load8(c.scores + j * Rp + r) - m_new);
+      const v8f p = exp2_nonpositive(load8(c.scores + j * Rp + r) - m_new);
       store8(c.scores + j * Rp + r, p);
       sum += p;
     }
@@ -231,7 +233,7 @@ SPARROW_INLINE void chunk_body(const Chunk& c) {
     for (int64_t r = 0; r < R; r += 2) accumulate_pair(c, j0, n, r, std::min(r + 1, R - 1));
   }
   for (int64_t r = 0; r < R; ++r) {
-    c.state[r * W + D] = c.m[r];
+    c.state[r * W + D] = c.m[r] * 0.693147180559945309f;  // back to natural log units
     c.state[r * W + D + 1] = c.l[r];
   }
 }
@@ -266,7 +268,7 @@ at::Tensor window_attn_shared_prefix(const at::Tensor& q, const at::Tensor& k, c
   std::vector<float> qt(static_cast<size_t>(B * Hkv * D * Rp), 0.0f);
   {
     const float* src = q32.data_ptr<float>();
-    const float s = static_cast<float>(scale);
+    const float s = static_cast<float>(scale * 1.44269504088896341);  // base-2 scores
     for (int64_t bh = 0; bh < B * Hkv; ++bh) {
       for (int64_t r = 0; r < R; ++r) {
         const float* row = src + (bh * R + r) * D;                          // heads of a group are adjacent
