@@ -2,9 +2,10 @@
 // Each query visits only its visible keys (anchors, window, tree nodes), so the cost is
 // O(Tq * (window + n_anchor + Tq)), not O(Tq * Tk); fp32 accumulation (fp64 for fp64 inputs).
 // Inputs are validated by csrc/checks.h only; this file must not change the op semantics.
-// fp32 with window <= 0: keys that every query of a row sees (a long visual prefix) are first
-// scored for all queries at once by csrc/window_attn_shared.cpp; each query then continues
-// from that online-softmax state over its own remaining keys.
+// fp32: a contiguous range of keys that every query of a row sees (inside all their windows,
+// past the anchors; a long visual prefix) is first scored for all queries at once by
+// csrc/window_attn_shared.cpp; each query then continues from that online-softmax state over
+// its own remaining keys (anchors, the rest of its window, tree slots).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -33,7 +34,8 @@ struct VisibleKeys {
   int64_t tree_start = 0;      // slot of tree node 0
   const bool* tree_row = nullptr;  // tree_mask[b, i, :] or nullptr
   int64_t n_tree = 0;
-  int64_t skip = 0;            // prefix slots below this are already done (shared phase)
+  int64_t skip_begin = 0;      // window slots [skip_begin, skip_end) are already done (shared phase)
+  int64_t skip_end = 0;
 
   // Calls process(n) for consecutive blocks of up to kKeyBlock visible slots written to `slots`.
   template <typename F>
@@ -46,8 +48,14 @@ struct VisibleKeys {
         n = 0;
       }
     };
-    for (int64_t j = skip; j < anchor_end; ++j) push(j);
-    for (int64_t j = std::max(std::max(window_begin, anchor_end), skip); j < prefix_end; ++j) push(j);
+    for (int64_t j = 0; j < anchor_end; ++j) push(j);
+    const int64_t first = std::max(window_begin, anchor_end);
+    if (skip_end > skip_begin) {  // the skipped range lies inside [first, prefix_end)
+      for (int64_t j = first; j < std::min(skip_begin, prefix_end); ++j) push(j);
+      for (int64_t j = std::max(first, skip_end); j < prefix_end; ++j) push(j);
+    } else {
+      for (int64_t j = first; j < prefix_end; ++j) push(j);
+    }
     for (int64_t t = 0; t < n_tree; ++t) {
       if (tree_row[t]) push(tree_start + t);
     }
@@ -133,6 +141,7 @@ struct RowInputs {
 template <typename scalar_t>
 void window_attn_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const RowInputs& rows,
                                 int64_t window, int64_t n_anchor, double scale, at::Tensor& out, at::Tensor& lse,
+                                const std::vector<int64_t>& shared_begin = {},
                                 const std::vector<int64_t>& shared_end = {}, const at::Tensor& shared = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1);
@@ -163,7 +172,7 @@ void window_attn_forward_kernel(const at::Tensor& q, const at::Tensor& k, const 
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
       VisibleKeys keys = rows.keys(b, i, Tq, window, n_anchor);
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (shared.defined() && shared_end[b] > 0) {  // continue from the shared phase's state
+        if (shared.defined() && shared_end[b] > shared_begin[b]) {  // continue from the shared phase's state
           const int64_t W = D + 2;
           for (int64_t g = 0; g < group; ++g) {
             const float* st = shared.data_ptr<float>() + ((b * Hq + hkv * group + g) * Tq + i) * W;
@@ -171,7 +180,8 @@ void window_attn_forward_kernel(const at::Tensor& q, const at::Tensor& k, const 
             row_max[g] = st[D];
             row_sum[g] = st[D + 1];
           }
-          keys.skip = shared_end[b];
+          keys.skip_begin = shared_begin[b];
+          keys.skip_end = shared_end[b];
         }
       }
       const scalar_t* k_base = k_data + b * k.stride(0) + hkv * k.stride(1);
@@ -234,19 +244,28 @@ std::tuple<at::Tensor, at::Tensor> window_attn_cpu(const at::Tensor& q, const at
   }
   const RowInputs rows(kv_len, q_pos, tree_mask);
   const double softmax_scale = resolve_scale(scale, q.size(3));
-  if (q.scalar_type() == at::kFloat && window <= 0) {
-    // the prefix slots every query of row b sees: [0, min_i prefix_end(b, i))
-    std::vector<int64_t> shared_end(B, 0);
+  if (q.scalar_type() == at::kFloat) {
+    // per row b: the window slots every query sees, past the anchors (a query's anchors are
+    // [0, min(n_anchor, prefix_end)), its window [max(window_begin, anchor_end), prefix_end))
+    std::vector<int64_t> shared_begin(B, 0), shared_end(B, 0);
     bool any = false;
     for (int64_t b = 0; b < B; ++b) {
-      int64_t common = std::numeric_limits<int64_t>::max();
-      for (int64_t i = 0; i < Tq; ++i) common = std::min(common, rows.keys(b, i, Tq, window, n_anchor).prefix_end);
-      shared_end[b] = common >= kMinSharedKeys ? common : 0;
-      any = any || shared_end[b] > 0;
+      int64_t lo = std::max<int64_t>(n_anchor, 0), hi = std::numeric_limits<int64_t>::max();
+      for (int64_t i = 0; i < Tq; ++i) {
+        const VisibleKeys keys = rows.keys(b, i, Tq, window, n_anchor);
+        lo = std::max(lo, std::max(keys.window_begin, keys.anchor_end));
+        hi = std::min(hi, keys.prefix_end);
+      }
+      if (hi - lo >= kMinSharedKeys) {
+        shared_begin[b] = lo;
+        shared_end[b] = hi;
+        any = true;
+      }
     }
     if (any) {
-      const at::Tensor state = window_attn_shared_prefix(q, k, v, shared_end, softmax_scale);
-      window_attn_forward_kernel<float>(q, k, v, rows, window, n_anchor, softmax_scale, out, lse, shared_end, state);
+      const at::Tensor state = window_attn_shared_keys(q, k, v, shared_begin, shared_end, softmax_scale);
+      window_attn_forward_kernel<float>(q, k, v, rows, window, n_anchor, softmax_scale, out, lse, shared_begin,
+                                        shared_end, state);
       return {out, lse};
     }
   }

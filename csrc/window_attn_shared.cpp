@@ -1,4 +1,4 @@
-// Shared-prefix phase of the CPU window_attn forward (fp32); see window_attn_shared.h.
+// Shared-keys phase of the CPU window_attn forward (fp32); see window_attn_shared.h.
 //
 // Why: a tree verification step over a long video has N tree queries (x the GQA group) that
 // all see the same tens of thousands of visual keys. The per-query path reads every key once
@@ -258,8 +258,9 @@ void run_chunk(const Chunk& c) {
 
 }  // namespace
 
-at::Tensor window_attn_shared_prefix(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     const std::vector<int64_t>& shared_end, double scale) {
+at::Tensor window_attn_shared_keys(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const std::vector<int64_t>& shared_begin, const std::vector<int64_t>& shared_end,
+                                   double scale) {
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1);
   const int64_t group = Hq / Hkv, R = group * Tq, W = D + 2, Rp = (R + 7) / 8 * 8;
   // query rows of one (b, KV head), (g, i) -> row g * Tq + i (the order of q[b, hkv * group + g, i]),
@@ -279,7 +280,7 @@ at::Tensor window_attn_shared_prefix(const at::Tensor& q, const at::Tensor& k, c
   at::Tensor state = at::empty({B, Hq, Tq, W}, q.options().dtype(at::kFloat));
   float* state_data = state.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
-    if (shared_end[b] > 0) continue;
+    if (shared_end[b] > shared_begin[b]) continue;
     for (int64_t row = 0; row < Hq * Tq; ++row) {
       float* st = state_data + (b * Hq * Tq + row) * W;
       std::fill(st, st + D, 0.0f);
@@ -292,7 +293,7 @@ at::Tensor window_attn_shared_prefix(const at::Tensor& q, const at::Tensor& k, c
   const int64_t threads = at::get_num_threads();
   std::vector<int64_t> chunks(B), first_item(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t keys = shared_end[b];
+    const int64_t keys = std::max<int64_t>(0, shared_end[b] - shared_begin[b]);
     const int64_t want = (2 * threads + B * Hkv - 1) / (B * Hkv);
     chunks[b] = keys == 0 ? 0 : std::max<int64_t>(1, std::min(want, keys / kMinChunk));
     first_item[b + 1] = first_item[b] + chunks[b] * Hkv;
@@ -309,7 +310,7 @@ at::Tensor window_attn_shared_prefix(const at::Tensor& q, const at::Tensor& k, c
       const int64_t b = std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin() - 1;
       const int64_t local = item - first_item[b];
       const int64_t hkv = local / chunks[b], chunk = local % chunks[b];
-      const int64_t keys = shared_end[b];
+      const int64_t keys = shared_end[b] - shared_begin[b];
       const int64_t per = (keys + chunks[b] - 1) / chunks[b];
       Chunk c;
       c.qt = qt.data() + (b * Hkv + hkv) * D * Rp;
@@ -317,8 +318,8 @@ at::Tensor window_attn_shared_prefix(const at::Tensor& q, const at::Tensor& k, c
       c.v = v_data + b * v.stride(0) + hkv * v.stride(1);
       c.k_stride = k.stride(2);
       c.v_stride = v.stride(2);
-      c.begin = chunk * per;
-      c.end = std::min(keys, c.begin + per);
+      c.begin = shared_begin[b] + chunk * per;
+      c.end = std::min(shared_end[b], c.begin + per);
       c.R = R;
       c.Rp = Rp;
       c.D = D;

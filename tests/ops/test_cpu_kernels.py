@@ -40,18 +40,20 @@ def window_inputs(B, Hkv, group, Tq, Tk, D, dtype, seed, tree=False):
     return q, k, v, kv_len, q_pos, tree_mask
 
 
-# ----------------------------------------------------------------------------- shared-prefix path
-@settings(max_examples=25, deadline=None)
+# ----------------------------------------------------------------------------- shared-keys path
+@settings(max_examples=30, deadline=None)
 @given(B=st.integers(1, 3), Hkv=st.integers(1, 2), group=st.integers(1, 4), Tq=st.integers(1, 9),
-       D=st.sampled_from([8, 20, 32, 40, 64]), window=st.sampled_from([0, -1]), n_anchor=st.integers(0, 6),
+       D=st.sampled_from([8, 20, 32, 40, 64]),
+       window=st.one_of(st.sampled_from([0, -1]), st.integers(140, 1400)), n_anchor=st.integers(0, 6),
        layout=st.sampled_from(["tree", "chain", "random_pos"]), threads=st.sampled_from([1, 2, 3]),
        seed=st.integers(0, 2**16))
-def test_long_shared_prefix_path_matches_reference(B, Hkv, group, Tq, D, window, n_anchor, layout, threads, seed):
-    """fp32 with an unlimited window: the keys every query of a row sees (>= 256 of them) go
+def test_long_shared_keys_path_matches_reference(B, Hkv, group, Tq, D, window, n_anchor, layout, threads, seed):
+    """fp32: the window keys every query of a row sees (>= 128 of them, past the anchors) go
     through csrc/window_attn_shared.cpp (all of a head's queries per key block, key chunks
-    across threads, merged by log-sum-exp), the rest through the per-query path. Ragged rows
-    (some too short for the shared path), odd query-row counts, head dims that are not a
-    multiple of 8 or 32, trees, queries at random positions, and NaN past each row's kv_len."""
+    across threads, merged by log-sum-exp), the anchors, the rest of each window and the tree
+    through the per-query path. Unlimited and long windows, ragged rows (some too short for
+    the shared path), odd query-row counts, head dims that are not a multiple of 8 or 32,
+    trees, queries at random positions, and NaN past each row's kv_len."""
     gen = torch.Generator().manual_seed(seed)
     Tk = 1400
     tree = layout == "tree" and Tq > 1
@@ -76,7 +78,7 @@ def test_long_shared_prefix_path_matches_reference(B, Hkv, group, Tq, D, window,
     torch.testing.assert_close(lse.double(), gold_lse, atol=5e-6, rtol=5e-6)
 
 
-def test_shared_prefix_path_is_thread_count_independent_up_to_rounding():
+def test_shared_keys_path_is_thread_count_independent_up_to_rounding():
     """The key chunks follow the thread count; the results agree to fp32 rounding."""
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 4, 14, 32, generator=gen)
