@@ -7,8 +7,8 @@
 // lanes: register-blocked outer products with the keys read in place), and keeps a
 // flash-style online softmax per row, 8 rows per vector. Chunks along the keys give the
 // threads work even at batch 1 with one or two KV heads; their partial states are merged by
-// log-sum-exp. The hot loop is compiled twice (x86-64 baseline, and AVX2 + FMA) and
-// picked at run time, so a wheel built for any x86-64 CPU still runs vectorised where it can.
+// log-sum-exp. The hot loop is compiled three times (x86-64 baseline, AVX2 + FMA, and
+// AVX2 + FMA + AVX-512VL) and picked at run time, so a wheel built for any x86-64 CPU still runs vectorised where it can.
 #include "window_attn_shared.h"
 
 #include <ATen/ATen.h>
@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -247,10 +248,23 @@ bool has_haswell() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
+
+// AVX-512 CPUs (Skylake-X and later, Zen 4/5): the same 8-lane code, compiled with 32
+// vector registers and broadcasts folded into the FMAs (12-17% faster on a Zen 4 VM).
+__attribute__((target("avx2,fma,avx512f,avx512vl"))) void chunk_avx512(const Chunk& c) { chunk_body(c); }
+
+// SPARROW_CPU_ISA=avx2 keeps an AVX-512 CPU on the AVX2 build (A/B timing, debugging).
+bool has_avx512() {
+  static const bool ok = has_haswell() && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512vl") &&
+                         !(std::getenv("SPARROW_CPU_ISA") && std::strcmp(std::getenv("SPARROW_CPU_ISA"), "avx2") == 0);
+  return ok;
+}
 #endif
 
 void run_chunk(const Chunk& c) {
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  if (has_avx512()) return chunk_avx512(c);
   if (has_haswell()) return chunk_haswell(c);
 #endif
   chunk_generic(c);

@@ -15,7 +15,7 @@ from pathlib import Path
 
 # Tree settings that suit a 2-core CPU and the built-in tiny video LM (measured by
 # benchmarks/tree_sweep.py, see benchmarks/RESULTS.md); the GPU defaults are EAGLE-2's / the paper's.
-CPU_TREE = {"total_tokens": 14, "depth": 6, "top_k": 2}    # best of benchmarks/tree_sweep.py on 2 CPU cores (RESULTS.md)
+CPU_TREE = {"total_tokens": 12, "depth": 5, "top_k": 2}    # best of benchmarks/tree_sweep.py on 2 CPU cores (RESULTS.md)
 GPU_TREE = {"total_tokens": 30, "depth": 3, "top_k": 8}
 
 
