@@ -78,6 +78,23 @@ def test_long_shared_keys_path_matches_reference(B, Hkv, group, Tq, D, window, n
     torch.testing.assert_close(lse.double(), gold_lse, atol=5e-6, rtol=5e-6)
 
 
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                    reason="this CPU has no AVX-512: the AVX2 build is the one the other tests ran")
+def test_avx2_build_of_the_shared_keys_loop_on_an_avx512_cpu():
+    """The hot loop is compiled for baseline x86-64, AVX2 and AVX-512 and picked once per
+    process; on an AVX-512 CPU the tests above ran the AVX-512 build, so the property test
+    runs again in a fresh process held to the AVX2 build (SPARROW_CPU_ISA=avx2)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SPARROW_CPU_ISA="avx2")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           f"{__file__}::test_long_shared_keys_path_matches_reference"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
 def test_shared_keys_path_is_thread_count_independent_up_to_rounding():
     """The key chunks follow the thread count; the results agree to fp32 rounding."""
     gen = torch.Generator().manual_seed(3)
