@@ -112,6 +112,7 @@ def window_attn_cases(device, quick):
             yield "decode B=4 kv=16384 w=2048", 4, 8, 2, 1, 64, 16384, 2048, 16, False
             yield "prefill B=1 T=1024 w=256", 1, 8, 2, 1024, 64, 1024, 256, 16, False
             yield "tinyvlm decode B=1 kv=25000 w=0", 1, 4, 2, 1, 32, 25000, 0, 0, False
+            yield "tinyvlm tree12 B=1 kv=25000 w=0", 1, 4, 2, 12, 32, 25000, 0, 0, True   # the CPU tree
             yield "tinyvlm tree14 B=1 kv=25000 w=0", 1, 4, 2, 14, 32, 25000, 0, 0, True
 
 
