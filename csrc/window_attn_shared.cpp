@@ -266,9 +266,12 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) void chunk_avx512(const Chu
 
 // SPARROW_CPU_ISA=avx2 keeps an AVX-512 CPU on the AVX2 build (A/B timing, debugging).
 bool has_avx512() {
-  static const bool ok = has_haswell() && __builtin_cpu_supports("avx512f") &&
-                         __builtin_cpu_supports("avx512vl") &&
-                         !(std::getenv("SPARROW_CPU_ISA") && std::strcmp(std::getenv("SPARROW_CPU_ISA"), "avx2") == 0);
+  static const bool ok = [] {
+    const char* isa = std::getenv("SPARROW_CPU_ISA");
+    const bool held_to_avx2 = isa != nullptr && std::strcmp(isa, "avx2") == 0;
+    return !held_to_avx2 && has_haswell() && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
   return ok;
 }
 #endif
