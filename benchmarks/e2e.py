@@ -58,13 +58,11 @@ def parse_args(argv=None):
 
 
 def tree_settings(args, device):
-    from sparrow_kernels.cli import CPU_TREE, GPU_TREE
+    """The library's tree preset for the device (tree.TreeShape.for_device) with the options given."""
+    from sparrow_kernels.tree import TreeShape
 
-    tree = dict(GPU_TREE if device.type == "cuda" else CPU_TREE)
-    for key in tree:
-        if getattr(args, key) is not None:
-            tree[key] = getattr(args, key)
-    return tree
+    options = {key: getattr(args, key) for key in ("total_tokens", "depth", "top_k")}
+    return TreeShape.for_device(device).replace(**options)
 
 
 def load_drafts(args, target):
@@ -162,7 +160,7 @@ def run_setting(target, drafts, tree, prompt, max_new, temperature, seed, repeat
     from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
 
     layers = sorted({l for d in drafts.values() for l in d.config.target_layers})
-    capacity = target.prompt_lengths([prompt])[0] + max_new + tree["total_tokens"] + 8
+    capacity = target.prompt_lengths([prompt])[0] + max_new + tree.total_tokens + 8
     cached = PrefillOnce(target, layers, capacity)
     cached.prefill([prompt], layers, capacity)                  # the one real prefill, timed
     target_prefill_s = cached.prefill_s[(id(prompt),)]
@@ -181,7 +179,7 @@ def run_setting(target, drafts, tree, prompt, max_new, temperature, seed, repeat
         keep("autoregressive", ar, True)
         for name, draft in drafts.items():
             python_path = name.endswith(PYTHON_SUFFIX)
-            gen = SparrowGenerator(cached, draft, **tree, fast_draft=not python_path)
+            gen = SparrowGenerator(cached, draft, tree, fast_draft=not python_path)
             res = gen.generate([prompt], max_new, temperature=temperature, seed=seed)
             keep(name, res, res.tokens[0] == ar.tokens[0])
     return rows
@@ -292,9 +290,9 @@ def main(argv=None):
         main_drafts[name + PYTHON_SUFFIX] = main_drafts[name]
     meta = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
-            "tree": tree, "max_new_tokens": args.max_new_tokens, "videos": videos, "repeats": args.repeats,
+            "tree": tree.as_dict(), "max_new_tokens": args.max_new_tokens, "videos": videos, "repeats": args.repeats,
             "prefill": "once per video, shared by every method and round", "argv": sys.argv}
-    print(f"e2e: target={args.target} drafts={list(drafts)} tree={tree} lengths={lengths} temps={temps} videos={videos}")
+    print(f"e2e: target={args.target} drafts={list(drafts)} tree={tree.as_dict()} lengths={lengths} temps={temps} videos={videos}")
     results: dict = {}
     for temp in temps:
         results[str(temp)] = {}

@@ -147,12 +147,12 @@ def make_draft(target, visual_kv: bool):
     return SparrowDraft.from_target(cfg, target)
 
 
-def time_draft_phase(draft, entries: int, tree: dict, accepted: int, device) -> float:
+def time_draft_phase(draft, entries: int, tree, accepted: int, device) -> float:
     """ms of one draft phase: build_tree from a cache of `entries` committed entries, then the
     extend of `accepted` entries after verification (the cache is reset between calls)."""
-    from sparrow_kernels.tree import build_tree, tree_size
+    from sparrow_kernels.tree import build_tree
 
-    nodes, scratch = tree_size(tree["total_tokens"], tree["depth"], tree["top_k"], draft.config.vocab_size)
+    nodes, scratch = tree.size(draft.config.vocab_size)
     cache = draft.new_cache(1, entries + accepted + scratch + 1)
     cache.k[:, :, :entries].normal_()
     cache.v[:, :, :entries].normal_()
@@ -165,7 +165,7 @@ def time_draft_phase(draft, entries: int, tree: dict, accepted: int, device) -> 
 
     def phase():
         cache.lengths.fill_(entries)
-        build_tree(draft, cache, root, root_hidden, **tree)
+        build_tree(draft, cache, root, root_hidden, tree)
         draft.extend(cache, tokens, features, valid)
     return bench_ms(phase, device)
 
@@ -182,7 +182,7 @@ def measure_tau(lengths, tree, device, videos: int, tokens: int) -> dict:
     out = {}
     for method in ("sparrow", "visual_kv"):
         draft = SparrowDraft.load(committed_draft_dir(method), target)
-        gen = SparrowGenerator(target, draft, **tree)
+        gen = SparrowGenerator(target, draft, tree)
         for L in lengths:
             steps = accepted = 0
             for i in range(videos):
@@ -195,16 +195,13 @@ def measure_tau(lengths, tree, device, videos: int, tokens: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sparrow_kernels.cli import CPU_TREE, GPU_TREE
-    from sparrow_kernels.tree import tree_size
+    from sparrow_kernels.tree import TreeShape
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lengths = [int(x) for x in args.visual_tokens.split(",")]
     node_counts = [int(x) for x in args.nodes.split(",")]
-    tree = dict(GPU_TREE if device.type == "cuda" else CPU_TREE)
-    if args.tree:
-        tree = dict(zip(("total_tokens", "depth", "top_k"), map(int, args.tree.split(","))))
+    tree = TreeShape(*map(int, args.tree.split(","))) if args.tree else TreeShape.for_device(device)
     fixed_tau = {k: float(v) for k, v in (s.split("=", 1) for s in args.tau)}
     tau = {m: {str(L): fixed_tau[m] for L in lengths} for m in fixed_tau}
     if not {"sparrow", "visual_kv"} <= set(tau):
@@ -218,7 +215,7 @@ def main(argv=None) -> int:
             target = build_target(kind, dims, device, dtype)
             drafts = {"sparrow": make_draft(target, visual_kv=False), "visual_kv": make_draft(target, visual_kv=True)}
             layers = drafts["sparrow"].config.target_layers
-            tree_nodes = tree_size(tree["total_tokens"], tree["depth"], tree["top_k"], target.vocab_size)[0]
+            tree_nodes = tree.size(target.vocab_size)[0]
             rows = {}
             for L in lengths:
                 state = synthetic_state(target, kind, L)
@@ -249,7 +246,7 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     meta = {"machine": platform.node(), "device": torch.cuda.get_device_name() if device.type == "cuda" else
             (platform.processor() or platform.machine()), "torch": torch.__version__, "dtype": str(dtype),
-            "shapes": dims, "tree": tree, "tree_nodes": tree_nodes, "text_entries": TEXT_ENTRIES,
+            "shapes": dims, "tree": tree.as_dict(), "tree_nodes": tree_nodes, "text_entries": TEXT_ENTRIES,
             "tau_source": "fixed" if fixed_tau.keys() >= {"sparrow", "visual_kv"} else "tiny video LM, this tree",
             "argv": sys.argv, "label": "projection: tau x decode step / (draft phase + tree verification)"}
     out = Path(args.out)

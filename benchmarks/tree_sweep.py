@@ -43,10 +43,11 @@ def main(argv=None) -> int:
     from sparrow_kernels.draft import DEFAULT_DRAFT, SparrowDraft, committed_draft_dir
     from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
     from sparrow_kernels.targets.tinyvlm import TinyVLMTarget
+    from sparrow_kernels.tree import TreeShape
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    trees = [dict(zip(("total_tokens", "depth", "top_k"), map(int, t.split(",")))) for t in args.trees]
+    trees = [TreeShape(*map(int, t.split(","))) for t in args.trees]
     target = TinyVLMTarget.load()
     name = args.draft or DEFAULT_DRAFT
     draft = SparrowDraft.load(name if Path(name).is_dir() else committed_draft_dir(name), target)
@@ -59,8 +60,8 @@ def main(argv=None) -> int:
 
         methods = {"autoregressive": lambda p: autoregressive_generate(cached, [p], args.max_new_tokens)}
         for tree in trees:
-            gen = SparrowGenerator(cached, draft, **tree)
-            methods["{total_tokens},{depth},{top_k}".format(**tree)] = \
+            gen = SparrowGenerator(cached, draft, tree)
+            methods[str(tree)] = \
                 lambda p, gen=gen: gen.generate([p], args.max_new_tokens)
         # per video, `repeats` interleaved rounds of every method (AR and each tree back to back,
         # so a slow spell of a shared machine hits them alike); the fastest decode per method is kept
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
         ar_per_token = ar["decode_s"] / max(ar["tokens"], 1)
         rows = {}
         for tree in trees:
-            key = "{total_tokens},{depth},{top_k}".format(**tree)
+            key = str(tree)
             r = totals[key]
             steps = max(r["steps"], 1)
             row = {"tau": r["tau_sum"] / steps,

@@ -13,11 +13,6 @@ import runpy
 import sys
 from pathlib import Path
 
-# Tree settings that suit a 2-core CPU and the built-in tiny video LM (measured by
-# benchmarks/tree_sweep.py, see benchmarks/RESULTS.md); the GPU defaults are EAGLE-2's / the paper's.
-CPU_TREE = {"total_tokens": 12, "depth": 5, "top_k": 2}    # best of benchmarks/tree_sweep.py on 2 CPU cores (RESULTS.md)
-GPU_TREE = {"total_tokens": 30, "depth": 3, "top_k": 8}
-
 
 class UserError(Exception):
     """An error the user can fix; printed as one line."""
@@ -57,13 +52,15 @@ def _load_draft(path, target, default_name=None):
     return draft.to(target.device)
 
 
-def _tree(args, device) -> dict:
-    tree = dict(GPU_TREE if device.type == "cuda" else CPU_TREE)
-    for key in tree:
-        value = getattr(args, key, None)
-        if value is not None:
-            tree[key] = value
-    return tree
+def _tree(args, device):
+    """The device's tree preset (tree.TreeShape.for_device) with the --total-tokens/--depth/--top-k given."""
+    from sparrow_kernels.tree import TreeShape
+
+    try:
+        return TreeShape.for_device(device).replace(
+            **{key: getattr(args, key, None) for key in ("total_tokens", "depth", "top_k")})
+    except ValueError as err:
+        raise UserError(str(err)) from err
 
 
 def _stream_text(chunks, decode, out=sys.stdout):
@@ -117,12 +114,12 @@ def cmd_demo(args) -> int:
     tree = _tree(args, device)
     print(f"Sparrow demo: built-in tiny video LM ({target.num_layers} layers, d={target.hidden_size}), "
           f"synthetic video of {frames} frames = {target.visual_tokens_for(frames)} visual tokens, "
-          f"device {device}, tree {tree}")
+          f"device {device}, tree {tree.as_dict()}")
     print(f"ground truth: {world.caption}")
 
     ar = autoregressive_generate(target, [prompt], max_new, temperature=args.temperature, seed=args.seed,
                                  tokenizer=target.tokenizer)          # KV cache sized from prompt_lengths
-    gen = SparrowGenerator(target, draft, tokenizer=target.tokenizer, **tree)
+    gen = SparrowGenerator(target, draft, tree, tokenizer=target.tokenizer)
     print("sparrow     : ", end="", flush=True)
     last, ids = _stream_text(gen.stream([prompt], max_new, temperature=args.temperature, seed=args.seed),
                              _decoder(target))
@@ -164,7 +161,7 @@ def cmd_generate(args) -> int:
             raise UserError("--target DIR needs --draft DIR (train one with `sparrow train-draft`), "
                             "or pass --no-draft for plain decoding")
         draft = _load_draft(args.draft, target)
-        gen = SparrowGenerator(target, draft, **_tree(args, device))
+        gen = SparrowGenerator(target, draft, _tree(args, device))
         last, ids = _stream_text(gen.stream([prompt], args.max_new_tokens, temperature=args.temperature,
                                             top_p=args.top_p, seed=args.seed), decode)
         stats, n = last.stats, len(ids)

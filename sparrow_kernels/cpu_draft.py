@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .draft import DraftCache, SparrowDraft
-from .tree import DraftTree, _level_shapes
+from .tree import DraftTree, TreeShape
 
 MAX_EXTEND_ENTRIES = 64      # longer extends (prompt passes) are better served by SDPA
 
@@ -101,21 +101,21 @@ class CompiledDraft:
         self.layer_args = (cfg.num_heads, cfg.num_kv_heads, float(cfg.rope_theta), int(cfg.window), int(cfg.n_anchor))
         self._shapes: dict = {}
 
-    def _tree_shape(self, total_tokens: int, depth: int, top_k: int):
-        key = (total_tokens, depth, top_k)
-        if key not in self._shapes:
-            shapes = _level_shapes(total_tokens - 1, depth, top_k, self.draft.config.vocab_size, sampled=False)
-            n_draft = min(total_tokens - 1, sum(w * c for w, c in shapes))
-            level = [lvl for lvl, (w, _) in enumerate(shapes) if lvl > 0 for _ in range(w)]
-            self._shapes[key] = ([w for w, _ in shapes], [c for _, c in shapes], n_draft,
-                                 torch.tensor(level, dtype=torch.int64) - 1)
-        return self._shapes[key]
+    def _tree_plan(self, shape: TreeShape):
+        """(widths, counts, drafted nodes, scratch depth - 1 per scratch node) of a top-k tree."""
+        if shape not in self._shapes:
+            vocab = self.draft.config.vocab_size
+            levels = shape.level_shapes(vocab)
+            level = [lvl for lvl, (w, _) in enumerate(levels) if lvl > 0 for _ in range(w)]
+            self._shapes[shape] = ([w for w, _ in levels], [c for _, c in levels], shape.drafted_nodes(vocab),
+                                   torch.tensor(level, dtype=torch.int64) - 1)
+        return self._shapes[shape]
 
-    def build_tree(self, cache: DraftCache, root_tokens: Tensor, root_hidden: Tensor, *, total_tokens: int,
-                   depth: int, top_k: int) -> DraftTree | None:
+    def build_tree(self, cache: DraftCache, root_tokens: Tensor, root_hidden: Tensor,
+                   shape: TreeShape) -> DraftTree | None:
         """`tree.build_tree` with top-k children (no sampler) through sparrow_cpu.draft_tree;
         leaves the cache's scratch state as build_tree does."""
-        if total_tokens <= 1 or not isinstance(cache, DraftCache) or not isinstance(root_hidden, Tensor) \
+        if shape.total_tokens <= 1 or not isinstance(cache, DraftCache) or not isinstance(root_hidden, Tensor) \
                 or not isinstance(root_tokens, Tensor):
             return None
         if not (cache.k.is_contiguous() and cache.v.is_contiguous()) or root_hidden.dtype != torch.float32:
@@ -124,7 +124,7 @@ class CompiledDraft:
         if root_tokens.shape != (B,) or root_hidden.shape != (B, self.draft.config.hidden_size) \
                 or root_tokens.device.type != "cpu" or root_hidden.device.type != "cpu":
             return None                                   # the Python path raises the precise error
-        widths, counts, n_draft, scratch_depth = self._tree_shape(total_tokens, depth, top_k)
+        widths, counts, n_draft, scratch_depth = self._tree_plan(shape)
         scratch = len(scratch_depth)
         if bool((cache.lengths + scratch > cache.capacity).any()):
             raise ValueError(f"build_tree: {scratch} scratch nodes after the committed slots exceed the draft "
@@ -182,12 +182,11 @@ def available(draft) -> bool:
     return prepare(draft) is not None
 
 
-def build_tree(draft, cache: DraftCache, root_tokens: Tensor, root_hidden: Tensor, *, total_tokens: int,
-               depth: int, top_k: int) -> DraftTree | None:
+def build_tree(draft, cache: DraftCache, root_tokens: Tensor, root_hidden: Tensor,
+               shape: TreeShape) -> DraftTree | None:
     """One-off `CompiledDraft.build_tree` (prepare + call); None when the fast path does not apply."""
     compiled = prepare(draft)
-    return None if compiled is None else compiled.build_tree(cache, root_tokens, root_hidden,
-                                                             total_tokens=total_tokens, depth=depth, top_k=top_k)
+    return None if compiled is None else compiled.build_tree(cache, root_tokens, root_hidden, shape)
 
 
 def extend(draft, cache: DraftCache, tokens: Tensor, features: Tensor, valid: Tensor) -> Tensor | None:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from sparrow_kernels import cpu_draft, ops
 from sparrow_kernels.targets.base import PrefillOutput, Target, VideoPrompt
-from sparrow_kernels.tree import DraftTree, build_tree, tree_size
+from sparrow_kernels.tree import GPU_TREE, DraftTree, TreeShape, build_tree
 
 DEFAULT_MAX_CONTEXT = 8192   # prompt tokens reserved per row when the caller gives no capacity
 
@@ -319,11 +319,11 @@ def draft_prompt_entries(prefill: PrefillOutput, first_tokens: Tensor,
 class SparrowGenerator:
     """Speculative generation with a draft (docs/draft_api.md) for a target (targets/base.py).
 
-    Each step, for all rows at once: grow an EAGLE-2 tree from the last emitted token
-    (`total_tokens` nodes incl. the root, `depth` expansion steps after the root's, `top_k`
-    children per expanded node; top_k = 1 is chain drafting), verify it in one target
-    forward, keep the accepted path in the target cache, emit the accepted tokens + the
-    bonus, and feed the draft the target's own hidden states of the accepted tokens.
+    Each step, for all rows at once: grow an EAGLE-2 tree of shape `tree` (tree.TreeShape:
+    total_tokens nodes incl. the root, depth expansion steps after the root's, top_k children
+    per expanded node; top_k = 1 is chain drafting) from the last emitted token, verify it in
+    one target forward, keep the accepted path in the target cache, emit the accepted tokens
+    + the bonus, and feed the draft the target's own hidden states of the accepted tokens.
 
     `draft_sampling=True` (used only when temperature > 0) draws the children i.i.d. from the
     draft's tempered distribution and verifies with those draft probabilities (recursive
@@ -334,18 +334,18 @@ class SparrowGenerator:
     Python path everywhere (for comparisons).
     """
 
-    def __init__(self, target: Target, draft, total_tokens: int = 30, depth: int = 3, top_k: int = 8, *,
+    def __init__(self, target: Target, draft, tree: TreeShape = GPU_TREE, *,
                  draft_sampling: bool = False, tokenizer=None, capacity: int | None = None,
                  max_context: int = DEFAULT_MAX_CONTEXT, profile: bool = False, fast_draft: bool = True):
-        if total_tokens < 1 or depth < 0 or top_k < 1:
-            raise ValueError(f"SparrowGenerator: need total_tokens >= 1, depth >= 0, top_k >= 1; got "
-                             f"total_tokens={total_tokens}, depth={depth}, top_k={top_k}")
+        if not isinstance(tree, TreeShape):
+            raise ValueError(f"SparrowGenerator: tree must be a tree.TreeShape (e.g. TreeShape(total_tokens=30, "
+                             f"depth=3, top_k=8) or tree.CPU_TREE), got {type(tree).__name__}")
         cfg = draft.config
         if getattr(cfg, "vocab_size", target.vocab_size) != target.vocab_size:
             raise ValueError(f"SparrowGenerator: draft vocab_size={cfg.vocab_size} does not match the "
                              f"target's vocab_size={target.vocab_size}")
         self.target, self.draft = target, draft
-        self.total_tokens, self.depth, self.top_k = total_tokens, depth, top_k
+        self.tree = tree
         self.draft_sampling = draft_sampling
         self.tokenizer, self.capacity, self.max_context, self.profile = tokenizer, capacity, max_context, profile
         self.fast_draft = fast_draft
@@ -381,7 +381,7 @@ class SparrowGenerator:
 
     def tree_nodes(self, sampled: bool = False) -> tuple[int, int]:
         """(nodes per verified tree, draft scratch nodes) with these settings."""
-        return tree_size(self.total_tokens, self.depth, self.top_k, self.target.vocab_size, sampled)
+        return self.tree.size(self.target.vocab_size, sampled)
 
     # -- the loop -------------------------------------------------------------------------
     def _start(self, prompts, max_new_tokens, temperature, top_p, eos_token_ids, stop_strings, seed, capacity):
@@ -485,12 +485,10 @@ class SparrowGenerator:
         """The draft phase's tree: the compiled CPU path (cpu_draft) for top-k trees when it
         applies, else tree.build_tree. Both draft the same tree up to float rounding."""
         if compiled is not None and sampler is None:
-            tree = compiled.build_tree(cache, root, last_hidden, total_tokens=self.total_tokens,
-                                       depth=self.depth, top_k=self.top_k)
+            tree = compiled.build_tree(cache, root, last_hidden, self.tree)
             if tree is not None:
                 return tree
-        return build_tree(self.draft, cache, root, last_hidden, total_tokens=self.total_tokens, depth=self.depth,
-                          top_k=self.top_k, sampler=sampler, generator=generator)
+        return build_tree(self.draft, cache, root, last_hidden, self.tree, sampler=sampler, generator=generator)
 
     def _extend(self, compiled, cache, tokens: Tensor, features: Tensor, valid: Tensor) -> Tensor:
         """draft.extend, through the compiled CPU path when it applies (hidden states of

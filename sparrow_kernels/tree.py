@@ -5,6 +5,7 @@ touch the target, decide acceptance or apply temperature itself (the caller's sa
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,41 +65,87 @@ def tree_layout(parents: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return depth, tree_mask, next_token, next_sibling
 
 
-def _level_shapes(budget: int, depth: int, top_k: int, vocab_size: int, sampled: bool) -> list[tuple[int, int]]:
-    """Per tree level (1 .. depth+1): (expanded nodes w, children per expanded node c).
-    Top-k trees expand the best top_k nodes of each level by top_k children and prune to the
-    budget afterwards (EAGLE-2). Sampled trees cannot be pruned by value without biasing the
-    i.i.d. draws, so their shape is fixed up front to fit `budget` nodes."""
-    if not sampled:
-        c = min(top_k, vocab_size)
-        shapes, prev = [(1, c)], c
-        for _ in range(depth):
-            w = min(top_k, prev)
+@dataclass(frozen=True)
+class TreeShape:
+    """The shape of one EAGLE-2 draft tree: `total_tokens` nodes incl. the root, `depth`
+    expansion steps after the root's, `top_k` children per expanded node (top_k = 1 is a
+    chain of depth + 1 drafted tokens). The one home of tree settings: validation, the node
+    counts callers reserve in their caches, the per-level layout and the device presets."""
+
+    total_tokens: int = 30
+    depth: int = 3
+    top_k: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("total_tokens", "depth", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"TreeShape: {name} must be an int, got {type(value).__name__}")
+        if self.total_tokens < 1 or self.depth < 0 or self.top_k < 1:
+            raise ValueError(f"TreeShape: need total_tokens >= 1, depth >= 0, top_k >= 1; got total_tokens="
+                             f"{self.total_tokens}, depth={self.depth}, top_k={self.top_k}")
+
+    @classmethod
+    def for_device(cls, device) -> "TreeShape":
+        """The preset for a device: GPU_TREE on CUDA, else CPU_TREE."""
+        return GPU_TREE if torch.device(device).type == "cuda" else CPU_TREE
+
+    def replace(self, **changes) -> "TreeShape":
+        """A copy with some fields changed; None values are ignored (unset CLI options)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def as_dict(self) -> dict:
+        return {"total_tokens": self.total_tokens, "depth": self.depth, "top_k": self.top_k}
+
+    def __str__(self) -> str:
+        return f"{self.total_tokens},{self.depth},{self.top_k}"
+
+    def level_shapes(self, vocab_size: int, sampled: bool = False) -> list[tuple[int, int]]:
+        """Per tree level (1 .. depth+1): (expanded nodes w, children per expanded node c).
+        Top-k trees expand the best top_k nodes of each level by top_k children and prune to
+        total_tokens - 1 drafted nodes afterwards (EAGLE-2). Sampled trees cannot be pruned by
+        value without biasing the i.i.d. draws, so their shape is fixed up front to fit the
+        budget. Empty for a root-only tree (total_tokens = 1)."""
+        budget = self.total_tokens - 1
+        if budget <= 0:
+            return []
+        if not sampled:
+            c = min(self.top_k, vocab_size)
+            shapes, prev = [(1, c)], c
+            for _ in range(self.depth):
+                w = min(self.top_k, prev)
+                shapes.append((w, c))
+                prev = w * c
+            return shapes
+        c1 = min(self.top_k, budget)
+        shapes, remaining, prev = [(1, c1)], budget - c1, c1
+        for level in range(self.depth):
+            share = -(-remaining // (self.depth - level))          # ceil: fill the shallow levels first
+            w = min(self.top_k, prev, share)
+            if w <= 0:
+                break
+            c = min(self.top_k, share // w)
             shapes.append((w, c))
+            remaining -= w * c
             prev = w * c
         return shapes
-    c1 = min(top_k, budget)
-    shapes, remaining, prev = [(1, c1)], budget - c1, c1
-    for level in range(depth):
-        share = -(-remaining // (depth - level))                  # ceil: fill the shallow levels first
-        w = min(top_k, prev, share)
-        if w <= 0:
-            break
-        c = min(top_k, share // w)
-        shapes.append((w, c))
-        remaining -= w * c
-        prev = w * c
-    return shapes
+
+    def drafted_nodes(self, vocab_size: int, sampled: bool = False) -> int:
+        """Nodes a tree keeps besides the root."""
+        pool = sum(w * c for w, c in self.level_shapes(vocab_size, sampled))
+        return min(self.total_tokens - 1, pool)
+
+    def size(self, vocab_size: int, sampled: bool = False) -> tuple[int, int]:
+        """(N nodes per tree including the root, scratch nodes the draft writes while growing
+        it) for `build_tree` with this shape: the sizes callers must reserve in their caches."""
+        shapes = self.level_shapes(vocab_size, sampled)
+        return 1 + self.drafted_nodes(vocab_size, sampled), sum(w for w, _ in shapes[1:])
 
 
-def tree_size(total_tokens: int, depth: int, top_k: int, vocab_size: int, sampled: bool = False) -> tuple[int, int]:
-    """(N nodes per tree including the root, scratch nodes the draft writes while growing it)
-    for `build_tree` with these settings: the sizes callers must reserve in their caches."""
-    if total_tokens <= 1:
-        return 1, 0
-    shapes = _level_shapes(total_tokens - 1, depth, top_k, vocab_size, sampled)
-    pool = sum(w * c for w, c in shapes)
-    return 1 + min(total_tokens - 1, pool), sum(w for w, _ in shapes[1:])
+# Presets. GPU: EAGLE-2's / the paper's official tree. CPU: the best shape of
+# benchmarks/tree_sweep.py for the built-in tiny video LM on a 2-core CPU (benchmarks/RESULTS.md).
+GPU_TREE = TreeShape(total_tokens=30, depth=3, top_k=8)
+CPU_TREE = TreeShape(total_tokens=12, depth=5, top_k=2)
 
 
 def _choose_children(logits: Tensor, count: int, sampler, generator) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -116,27 +163,28 @@ def _choose_children(logits: Tensor, count: int, sampler, generator) -> tuple[Te
     return drawn, probs.gather(2, drawn).log(), probs
 
 
-def build_tree(draft, cache, root_tokens: Tensor, root_hidden: Tensor, *, total_tokens: int = 30,
-               depth: int = 3, top_k: int = 8, sampler: Callable[[Tensor], Tensor] | None = None,
+def build_tree(draft, cache, root_tokens: Tensor, root_hidden: Tensor, shape: TreeShape = GPU_TREE, *,
+               sampler: Callable[[Tensor], Tensor] | None = None,
                generator: torch.Generator | None = None) -> DraftTree:
     """Grow one EAGLE-2 tree per row.
 
     `root_tokens [B]` are the last emitted tokens; `root_hidden [B, H]` is the draft hidden
-    that predicts their children (the last committed draft entry). Level 1 = the root's
-    top_k children; then `depth` times: run `draft.draft_step` on the top_k best nodes of the
-    newest level (by cumulative log-probability) and give each its top_k children. Finally
-    keep the best `total_tokens - 1` drafted nodes (an ancestor-closed set: a child's score
-    never exceeds its parent's, and ties go to the earlier node). So drafted nodes lie at
+    that predicts their children (the last committed draft entry). With `shape` =
+    (total_tokens, depth, top_k): level 1 = the root's top_k children; then `depth` times:
+    run `draft.draft_step` on the top_k best nodes of the newest level (by cumulative
+    log-probability) and give each its top_k children. Finally keep the best
+    `total_tokens - 1` drafted nodes (an ancestor-closed set: a child's score never exceeds
+    its parent's, and ties go to the earlier node). So drafted nodes lie at
     depths 1 .. depth + 1, and top_k = 1 gives a chain of depth + 1 tokens.
 
     With `sampler` (logits `[.., V]` -> probabilities, e.g. temperature/top-p), children are
     drawn i.i.d. from the sampler's distribution (with `generator`) instead of by top-k, the
-    tree shape is fixed up front (see `_level_shapes`) and `draft_probs` holds those
+    tree shape is fixed up front (see `TreeShape.level_shapes`) and `draft_probs` holds those
     distributions, as lossless recursive rejection sampling needs.
     """
-    if total_tokens < 1 or depth < 0 or top_k < 1:
-        raise ValueError(f"build_tree: need total_tokens >= 1, depth >= 0, top_k >= 1; got total_tokens="
-                         f"{total_tokens}, depth={depth}, top_k={top_k}")
+    if not isinstance(shape, TreeShape):
+        raise ValueError(f"build_tree: shape must be a TreeShape, got {type(shape).__name__}")
+    total_tokens = shape.total_tokens
     B = root_tokens.shape[0]
     device = root_tokens.device
     draft.reset_scratch(cache)
@@ -147,7 +195,7 @@ def build_tree(draft, cache, root_tokens: Tensor, root_hidden: Tensor, *, total_
 
     root_logits = draft.logits(root_hidden)[:, None, :]                                   # [B, 1, V]
     V = root_logits.shape[-1]
-    shapes = _level_shapes(total_tokens - 1, depth, top_k, V, sampled=sampler is not None)
+    shapes = shape.level_shapes(V, sampled=sampler is not None)
 
     children, logp, probs = _choose_children(root_logits, shapes[0][1], sampler, generator)
     pool_tokens = [children.reshape(B, -1)]                                               # per level [B, size]
@@ -225,4 +273,4 @@ def _assemble(root_tokens: Tensor, pool_tokens: Tensor, pool_scores: Tensor, poo
                      next_sibling=next_sibling, scores=scores, draft_probs=draft_probs)
 
 
-__all__ = ["DraftTree", "build_tree", "tree_layout", "tree_size"]
+__all__ = ["CPU_TREE", "DraftTree", "GPU_TREE", "TreeShape", "build_tree", "tree_layout"]

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparrow_kernels import cpu_draft
-from sparrow_kernels.tree import build_tree
+from sparrow_kernels.tree import TreeShape, build_tree
 
 from .test_draft import V, make_draft, rand_inputs
 
@@ -51,9 +51,8 @@ def test_tree_matches_python(B, lengths, shape, window, n_anchor, layers, seed):
         assert cpu_draft.available(draft)
         (c_py, c_fast), root_hidden = _filled_pair(draft, B, lengths, capacity=80, seed=seed)
         root = torch.randint(0, V, (B,), generator=torch.Generator().manual_seed(seed))
-        total, depth, top_k = shape
-        expect = build_tree(draft, c_py, root, root_hidden, total_tokens=total, depth=depth, top_k=top_k)
-        got = cpu_draft.build_tree(draft, c_fast, root, root_hidden, total_tokens=total, depth=depth, top_k=top_k)
+        expect = build_tree(draft, c_py, root, root_hidden, TreeShape(*shape))
+        got = cpu_draft.build_tree(draft, c_fast, root, root_hidden, TreeShape(*shape))
     assert got is not None
     _assert_same_tree(expect, got)
     assert c_fast.scratch_len == c_py.scratch_len
@@ -102,13 +101,13 @@ def test_declines_what_it_does_not_cover(monkeypatch):
         assert cpu_draft.available(draft)
     # gradients on (training): never
     assert not cpu_draft.available(draft)
-    assert cpu_draft.build_tree(draft, cache, root, root_hidden, total_tokens=8, depth=2, top_k=2) is None
+    assert cpu_draft.build_tree(draft, cache, root, root_hidden, TreeShape(8, 2, 2)) is None
     with torch.inference_mode():
         # a one-node tree, too many extend entries, mismatched shapes: the Python path handles them
-        assert cpu_draft.build_tree(draft, cache, root, root_hidden, total_tokens=1, depth=2, top_k=2) is None
+        assert cpu_draft.build_tree(draft, cache, root, root_hidden, TreeShape(1, 2, 2)) is None
         long_tokens, long_features = rand_inputs(1, cpu_draft.MAX_EXTEND_ENTRIES + 1, draft.config.feature_size)
         assert cpu_draft.extend(draft, cache, long_tokens, long_features, torch.tensor([3])) is None
-        assert cpu_draft.build_tree(draft, cache, root, root_hidden[:, :5], total_tokens=8, depth=2, top_k=2) is None
+        assert cpu_draft.build_tree(draft, cache, root, root_hidden[:, :5], TreeShape(8, 2, 2)) is None
         assert cpu_draft.extend(draft, cache, tokens, features, torch.tensor([2, 2])) is None
         # objects that only implement the draft API, and the opt-out switch
         assert not cpu_draft.available(object())
@@ -130,7 +129,7 @@ def test_capacity_overflow_is_an_error_and_leaves_the_cache():
         (cache, _), root_hidden = _filled_pair(draft, 2, [5, 9], capacity=12, seed=0)
         before_k, before_len = cache.k.clone(), cache.lengths.clone()
         with pytest.raises(ValueError, match="capacity 12"):
-            cpu_draft.build_tree(draft, cache, torch.tensor([1, 2]), root_hidden, total_tokens=30, depth=3, top_k=8)
+            cpu_draft.build_tree(draft, cache, torch.tensor([1, 2]), root_hidden, TreeShape(30, 3, 8))
         tokens, features = rand_inputs(2, 4, draft.config.feature_size)
         with pytest.raises(ValueError, match="row 1 needs 13 draft cache slots"):
             cpu_draft.extend(draft, cache, tokens, features, torch.tensor([1, 4]))

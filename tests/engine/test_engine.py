@@ -15,14 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate, draft_prompt_entries
+from sparrow_kernels.tree import TreeShape
 from tests.engine.helpers import (CharTokenizer, CountingTarget, RecordingDraft, oracle_for, prompt_length,
                                   prompt_length_any, random_draft, tiny_vlm, vlm_prompts)
 
 torch.set_num_threads(1)
 
-TREES = {"chain": dict(total_tokens=5, depth=3, top_k=1),
-         "tree": dict(total_tokens=30, depth=3, top_k=8),
-         "small_tree": dict(total_tokens=8, depth=2, top_k=3)}
+TREES = {"chain": TreeShape(total_tokens=5, depth=3, top_k=1),
+         "tree": TreeShape(total_tokens=30, depth=3, top_k=8),
+         "small_tree": TreeShape(total_tokens=8, depth=2, top_k=3)}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_greedy_random_draft_equals_plain_greedy(target, tree, batch):
     max_new = 14
     draft = random_draft(target, seed=1)
     capacity = _capacity(target, prompts, max_new)
-    spec = SparrowGenerator(target, draft, **TREES[tree]).generate(prompts, max_new, capacity=capacity)
+    spec = SparrowGenerator(target, draft, TREES[tree]).generate(prompts, max_new, capacity=capacity)
     plain = autoregressive_generate(target, prompts, max_new, capacity=capacity)
     assert spec.tokens == plain.tokens
     assert spec.tokens == target.generate_greedy(prompts, max_new, capacity=capacity)
@@ -62,7 +63,7 @@ def test_greedy_equivalence_random_prompts(target, seed, batch, tree, visual_kv,
     max_new = 10
     draft = random_draft(target, seed=seed % 7, visual_kv=visual_kv, window=window, n_anchor=2 if window else 0)
     capacity = _capacity(target, prompts, max_new)
-    spec = SparrowGenerator(target, draft, **TREES[tree]).generate(prompts, max_new, eos_token_ids=[],
+    spec = SparrowGenerator(target, draft, TREES[tree]).generate(prompts, max_new, eos_token_ids=[],
                                                                    capacity=capacity)
     plain = autoregressive_generate(target, prompts, max_new, eos_token_ids=[], capacity=capacity)
     assert spec.tokens == plain.tokens
@@ -78,10 +79,10 @@ def test_oracle_draft_is_fully_accepted(target, batch):
     oracle = oracle_for(target, prompts, max_new)
     settings_ = TREES["tree"]
     capacity = _capacity(target, prompts, max_new)
-    spec = SparrowGenerator(target, oracle, **settings_).generate(prompts, max_new, eos_token_ids=[],
+    spec = SparrowGenerator(target, oracle, settings_).generate(prompts, max_new, eos_token_ids=[],
                                                                   capacity=capacity)
     assert spec.tokens == [c[:max_new] for c in oracle.continuations]
-    full = settings_["depth"] + 2
+    full = settings_.depth + 2
     assert spec.stats.steps == (max_new - 1 + full - 1) // full
     assert all(n == full for row in spec.stats.accept_lengths for n in row)
     assert spec.stats.tau == full
@@ -95,9 +96,9 @@ def test_tree_finds_the_true_token_on_a_later_sibling(target):
     max_new = 24
     oracle = oracle_for(target, prompts, max_new, second_every=3)
     capacity = _capacity(target, prompts, max_new)
-    chain = SparrowGenerator(target, oracle, total_tokens=6, depth=4, top_k=1).generate(
+    chain = SparrowGenerator(target, oracle, TreeShape(6, 4, 1)).generate(
         prompts, max_new, eos_token_ids=[], capacity=capacity)
-    tree = SparrowGenerator(target, oracle, total_tokens=16, depth=4, top_k=2).generate(
+    tree = SparrowGenerator(target, oracle, TreeShape(16, 4, 2)).generate(
         prompts, max_new, eos_token_ids=[], capacity=capacity)
     truth = [c[:max_new] for c in oracle.continuations]
     assert chain.tokens == truth and tree.tokens == truth
@@ -117,7 +118,7 @@ def test_draft_gets_target_features_with_eagle_shift(target, visual_kv):
     layers = (1, target.num_layers)
     draft = RecordingDraft(random_draft(target, seed=2, feature_layers=layers, visual_kv=visual_kv))
     capacity = _capacity(target, prompts, max_new)
-    out = SparrowGenerator(target, draft, total_tokens=8, depth=2, top_k=3).generate(
+    out = SparrowGenerator(target, draft, TreeShape(8, 2, 3)).generate(
         prompts, max_new, eos_token_ids=[], capacity=capacity)
     H = target.hidden_size
     for b, prompt in enumerate(prompts):
@@ -131,7 +132,7 @@ def test_draft_gets_target_features_with_eagle_shift(target, visual_kv):
         text = redo.text_mask[0].tolist()
         positions = [t for t in range(L) if visual_kv or text[t] or t == L - 1]
         committed = len(tokens) - len(positions)                                   # generated entries
-        assert max_new - TREES["tree"]["depth"] - 2 <= committed <= max_new - 1
+        assert max_new - TREES["tree"].depth - 2 <= committed <= max_new - 1
         positions += list(range(L, L + committed))
         following = positions[1:] + [L + committed]
         assert tokens.tolist() == [sequence[t] for t in following]
@@ -176,9 +177,9 @@ def test_eos_inside_an_accepted_chunk(target):
     max_new = 24
     oracle = oracle_for(target, prompts, max_new)
     cont = oracle.continuations[0]
-    k = _mid_chunk_stop(cont[:max_new], TREES["tree"]["depth"] + 2)
+    k = _mid_chunk_stop(cont[:max_new], TREES["tree"].depth + 2)
     capacity = _capacity(target, prompts, max_new)
-    spec = SparrowGenerator(target, oracle, **TREES["tree"]).generate(prompts, max_new, eos_token_ids=[cont[k]],
+    spec = SparrowGenerator(target, oracle, TREES["tree"]).generate(prompts, max_new, eos_token_ids=[cont[k]],
                                                                       capacity=capacity)
     plain = autoregressive_generate(target, prompts, max_new, eos_token_ids=[cont[k]], capacity=capacity)
     assert spec.tokens == plain.tokens == [cont[:k + 1]]
@@ -192,13 +193,13 @@ def test_max_new_tokens_mid_chunk_and_batch_rows_finishing_apart(target):
     oracle = oracle_for(target, prompts, 30)
     capacity = _capacity(target, prompts, 30)
     for max_new in (1, 2, 8, 9):
-        spec = SparrowGenerator(target, oracle, **TREES["tree"]).generate(prompts, max_new, eos_token_ids=[],
+        spec = SparrowGenerator(target, oracle, TREES["tree"]).generate(prompts, max_new, eos_token_ids=[],
                                                                           capacity=capacity)
         assert spec.tokens == [c[:max_new] for c in oracle.continuations]
         assert spec.finish_reasons == ["length"] * 3
     # rows stop at different steps (EOS = a different token per row): later steps emit nothing for them
     eos = [oracle.continuations[b][3 + 4 * b] for b in range(3)]
-    spec = SparrowGenerator(target, oracle, **TREES["small_tree"]).generate(prompts, 30, eos_token_ids=eos,
+    spec = SparrowGenerator(target, oracle, TREES["small_tree"]).generate(prompts, 30, eos_token_ids=eos,
                                                                             capacity=capacity)
     plain = autoregressive_generate(target, prompts, 30, eos_token_ids=eos, capacity=capacity)
     assert spec.tokens == plain.tokens
@@ -212,10 +213,10 @@ def test_stop_strings(target):
     oracle = oracle_for(target, prompts, max_new)
     capacity = _capacity(target, prompts, max_new)
     cont = oracle.continuations[0]
-    k = _mid_chunk_stop(cont[:max_new - 1], TREES["tree"]["depth"] + 2)
+    k = _mid_chunk_stop(cont[:max_new - 1], TREES["tree"].depth + 2)
     stops = [f"<{cont[k]}>", f"<{cont[k + 1]}>"]
     two_token_stop = f"<{cont[k]}><{cont[k + 1]}>"
-    gen = SparrowGenerator(target, oracle, **TREES["tree"], tokenizer=CharTokenizer())
+    gen = SparrowGenerator(target, oracle, TREES["tree"], tokenizer=CharTokenizer())
     for stop in (stops[0], two_token_stop):
         spec = gen.generate(prompts, max_new, eos_token_ids=[], stop_strings=[stop], capacity=capacity)
         plain = autoregressive_generate(target, prompts, max_new, eos_token_ids=[], stop_strings=[stop],
@@ -237,13 +238,13 @@ def test_capacity_errors_before_anything_is_written(target):
     with pytest.raises(ValueError, match="capacity"):                             # prompt fills the cache
         SparrowGenerator(counting, draft).generate(prompts, 5, capacity=L)
     with pytest.raises(ValueError, match="capacity=.* too small"):                # no room for the generation
-        SparrowGenerator(counting, draft, **TREES["tree"]).generate(prompts, 20, capacity=L + 25)
+        SparrowGenerator(counting, draft, TREES["tree"]).generate(prompts, 20, capacity=L + 25)
     with pytest.raises(ValueError, match="capacity=.* too small"):
         autoregressive_generate(counting, prompts, 20, capacity=L + 5)
     assert counting.forward_calls == 0 and counting.commit_calls == 0
     # exactly enough room works: prompt + max_new_tokens - 2 + tree nodes
-    nodes = SparrowGenerator(target, draft, **TREES["tree"]).tree_nodes()[0]
-    out = SparrowGenerator(target, draft, **TREES["tree"]).generate(prompts, 6, eos_token_ids=[],
+    nodes = SparrowGenerator(target, draft, TREES["tree"]).tree_nodes()[0]
+    out = SparrowGenerator(target, draft, TREES["tree"]).generate(prompts, 6, eos_token_ids=[],
                                                                     capacity=L + 6 - 2 + nodes)
     assert out.tokens == autoregressive_generate(target, prompts, 6, eos_token_ids=[], capacity=L + 5).tokens
 
@@ -256,7 +257,7 @@ def test_capacity_defaults_to_the_exact_prompt_lengths(target):
     assert lengths == [prompt_length(target, p) for p in prompts]
     assert lengths == target.prefill(prompts, [], max(lengths) + 1).lengths.tolist()
     draft = random_draft(target)
-    short = SparrowGenerator(target, draft, **TREES["small_tree"], max_context=4)
+    short = SparrowGenerator(target, draft, TREES["small_tree"], max_context=4)
     got = short.generate(prompts, 6, eos_token_ids=[])
     assert got.tokens == autoregressive_generate(target, prompts, 6, eos_token_ids=[], max_context=4).tokens
 
@@ -267,7 +268,7 @@ def test_stream_yields_the_generate_tokens_step_by_step(target):
     max_new = 15
     counting = CountingTarget(target)
     draft = random_draft(target)
-    gen = SparrowGenerator(counting, draft, **TREES["small_tree"])
+    gen = SparrowGenerator(counting, draft, TREES["small_tree"])
     capacity = _capacity(target, prompts, max_new)
     stream = gen.stream(prompts, max_new, capacity=capacity)
     first = next(stream)
@@ -320,7 +321,9 @@ def test_bad_requests(target):
     with pytest.raises(ValueError, match="max_new_tokens"):
         gen.generate(prompts, -1)
     with pytest.raises(ValueError, match="total_tokens"):
-        SparrowGenerator(target, draft, total_tokens=0)
+        SparrowGenerator(target, draft, TreeShape(total_tokens=0))
+    with pytest.raises(ValueError, match="tree must be a tree.TreeShape"):
+        SparrowGenerator(target, draft, {"total_tokens": 12})
     other = random_draft(tiny_vlm(seed=0, vocab_size=32))
     with pytest.raises(ValueError, match="vocab_size"):
         SparrowGenerator(target, other)
@@ -350,14 +353,14 @@ def test_greedy_equivalence_tiny_hf_targets(kind):
     capacity = _capacity(target, prompts, max_new)
     draft = random_draft(target, seed=3)
     for tree in ("chain", "tree"):
-        gen = SparrowGenerator(target, draft, **TREES[tree])
+        gen = SparrowGenerator(target, draft, TREES[tree])
         alone = gen.generate(prompts[:1], max_new, eos_token_ids=[], capacity=capacity)
         assert alone.tokens[0] == stock_generate(target, prompts[0], max_new, eos_token_id=None)
         both = gen.generate(prompts, max_new, eos_token_ids=[], capacity=capacity)
         assert both.tokens == autoregressive_generate(target, prompts, max_new, eos_token_ids=[],
                                                       capacity=capacity).tokens
     oracle = oracle_for(target, prompts, max_new)
-    spec = SparrowGenerator(target, oracle, **TREES["tree"]).generate(prompts, max_new, eos_token_ids=[],
+    spec = SparrowGenerator(target, oracle, TREES["tree"]).generate(prompts, max_new, eos_token_ids=[],
                                                                       capacity=capacity)
     assert spec.tokens == [c[:max_new] for c in oracle.continuations]
     assert spec.stats.tau >= 4
@@ -406,7 +409,7 @@ def test_compiled_cpu_draft_phase_drafts_the_same_trees(target, visual_kv, monke
     capacity = _capacity(target, prompts, max_new)
     runs = {}
     for fast in (True, False):
-        gen = SparrowGenerator(target, draft, **TREES["small_tree"], fast_draft=fast)
+        gen = SparrowGenerator(target, draft, TREES["small_tree"], fast_draft=fast)
         runs[fast] = gen.generate(prompts, max_new, eos_token_ids=[], capacity=capacity)
         if fast:
             assert calls["build_tree"] == runs[fast].stats.steps and calls["extend"] >= runs[fast].stats.steps - 1

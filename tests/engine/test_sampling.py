@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from sparrow_kernels import ops
 from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate, sample_from_probs, sampling_probs
 from sparrow_kernels.targets.base import VideoPrompt
+from sparrow_kernels.tree import TreeShape
 from tests.engine.helpers import random_draft, tiny_vlm
 
 torch.set_num_threads(1)
@@ -117,22 +118,20 @@ def _samples(run) -> list[tuple]:
     return out
 
 
-CASES = {
-    "tree_target_only": (dict(total_tokens=30, depth=3, top_k=8), dict(temperature=1.0, top_p=1.0)),
-    "tree_with_draft_probs": (dict(total_tokens=10, depth=2, top_k=2, draft_sampling=True),
-                              dict(temperature=1.0, top_p=1.0)),
-    "chain_with_draft_probs_top_p": (dict(total_tokens=5, depth=3, top_k=1, draft_sampling=True),
-                                     dict(temperature=0.8, top_p=0.9)),
-    "tree_target_only_top_p": (dict(total_tokens=12, depth=2, top_k=3), dict(temperature=0.8, top_p=0.9)),
+CASES = {   # tree shape, draft_sampling, sampling settings
+    "tree_target_only": (TreeShape(30, 3, 8), False, dict(temperature=1.0, top_p=1.0)),
+    "tree_with_draft_probs": (TreeShape(10, 2, 2), True, dict(temperature=1.0, top_p=1.0)),
+    "chain_with_draft_probs_top_p": (TreeShape(5, 3, 1), True, dict(temperature=0.8, top_p=0.9)),
+    "tree_target_only_top_p": (TreeShape(12, 2, 3), False, dict(temperature=0.8, top_p=0.9)),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_speculative_sampling_matches_the_target_distribution(setup, case):
     target, prompt, draft = setup
-    tree, sampling = CASES[case]
+    tree, draft_sampling, sampling = CASES[case]
     exact = _exact_joint(target, prompt, **sampling)
-    generator = SparrowGenerator(target, draft, **tree)
+    generator = SparrowGenerator(target, draft, tree, draft_sampling=draft_sampling)
     speculative = _samples(lambda seed: generator.generate([prompt] * ROWS, FIRST_K, eos_token_ids=[], seed=seed,
                                                            capacity=64, **sampling))
     assert _chi_square_p_value(speculative, exact) > 1e-3
@@ -153,7 +152,7 @@ def test_plain_sampling_matches_and_a_wrong_temperature_is_caught(setup):
 
 def test_sampling_is_reproducible_with_a_seed(setup):
     target, prompt, draft = setup
-    gen = SparrowGenerator(target, draft, total_tokens=10, depth=2, top_k=2, draft_sampling=True)
+    gen = SparrowGenerator(target, draft, TreeShape(10, 2, 2), draft_sampling=True)
     a = gen.generate([prompt] * 4, 6, temperature=1.0, seed=123, eos_token_ids=[], capacity=64)
     b = gen.generate([prompt] * 4, 6, temperature=1.0, seed=123, eos_token_ids=[], capacity=64)
     assert a.tokens == b.tokens

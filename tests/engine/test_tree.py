@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparrow_kernels.engine import sampling_probs
-from sparrow_kernels.tree import build_tree, tree_layout, tree_size
+from sparrow_kernels.tree import CPU_TREE, GPU_TREE, TreeShape, build_tree, tree_layout
 from tests.engine.helpers import random_draft, tiny_vlm
 
 torch.set_num_threads(1)
@@ -131,10 +131,10 @@ def _tree_paths(tree, row: int) -> dict[tuple, float]:
 def test_build_tree_equals_node_by_node_eagle2(draft, batch, total_tokens, depth, top_k, seed):
     cache, root_tokens, root_hidden = _committed_cache(draft, batch, seed)
     with torch.no_grad():
-        tree = build_tree(draft, cache, root_tokens, root_hidden, total_tokens=total_tokens, depth=depth,
-                          top_k=top_k)
+        shape = TreeShape(total_tokens, depth, top_k)
+        tree = build_tree(draft, cache, root_tokens, root_hidden, shape)
         N = tree.num_nodes
-        assert N == tree_size(total_tokens, depth, top_k, draft.config.vocab_size)[0] <= total_tokens
+        assert N == shape.size(draft.config.vocab_size)[0] <= total_tokens
         assert tree.draft_probs is None
         assert torch.equal(tree.tokens[:, 0], root_tokens)
         node = torch.arange(N)
@@ -161,7 +161,7 @@ def test_build_tree_equals_node_by_node_eagle2(draft, batch, total_tokens, depth
 def test_chain_drafting_is_the_draft_greedy_continuation(draft):
     cache, root_tokens, root_hidden = _committed_cache(draft, 2, seed=11)
     with torch.no_grad():
-        tree = build_tree(draft, cache, root_tokens, root_hidden, total_tokens=30, depth=4, top_k=1)
+        tree = build_tree(draft, cache, root_tokens, root_hidden, TreeShape(30, 4, 1))
         assert tree.num_nodes == 6                                                  # root + depth + 1
         assert tree.parents.tolist() == [[-1, 0, 1, 2, 3, 4]] * 2
         assert tree.tree_mask[0].tolist() == torch.ones(6, 6).tril().bool().tolist()
@@ -176,12 +176,14 @@ def test_chain_drafting_is_the_draft_greedy_continuation(draft):
 
 def test_root_only_tree_and_bad_settings(draft):
     cache, root_tokens, root_hidden = _committed_cache(draft, 2, seed=1)
-    tree = build_tree(draft, cache, root_tokens, root_hidden, total_tokens=1)
+    tree = build_tree(draft, cache, root_tokens, root_hidden, TreeShape(total_tokens=1))
     assert tree.num_nodes == 1 and tree.tree_mask.tolist() == [[[True]], [[True]]]
     assert tree.next_token.tolist() == [[-1], [-1]]
     for bad in (dict(total_tokens=0), dict(depth=-1), dict(top_k=0)):
         with pytest.raises(ValueError, match=list(bad)[0]):
-            build_tree(draft, cache, root_tokens, root_hidden, **bad)
+            TreeShape(**bad)
+    with pytest.raises(ValueError, match="shape must be a TreeShape"):
+        build_tree(draft, cache, root_tokens, root_hidden, (30, 3, 8))
 
 
 def test_top_k_larger_than_vocabulary_is_clamped():
@@ -189,7 +191,7 @@ def test_top_k_larger_than_vocabulary_is_clamped():
     d = random_draft(small)
     cache, root_tokens, root_hidden = _committed_cache(d, 2, seed=2)
     with torch.no_grad():
-        tree = build_tree(d, cache, root_tokens, root_hidden, total_tokens=30, depth=2, top_k=8)
+        tree = build_tree(d, cache, root_tokens, root_hidden, TreeShape(30, 2, 8))
     assert tree.num_nodes == 30                                                   # 5 + 25 + 25 drafted, 29 kept
     for b in range(2):
         for parent in range(30):
@@ -207,10 +209,10 @@ def test_sampled_tree_records_the_distributions_it_drew_from(draft, total_tokens
     sampler = lambda logits: sampling_probs(logits, temperature=0.8, top_p=0.9)  # noqa: E731
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        tree = build_tree(draft, cache, root_tokens, root_hidden, total_tokens=total_tokens, depth=depth,
-                          top_k=top_k, sampler=sampler, generator=gen)
+        shape = TreeShape(total_tokens, depth, top_k)
+        tree = build_tree(draft, cache, root_tokens, root_hidden, shape, sampler=sampler, generator=gen)
         N = tree.num_nodes
-        assert N == tree_size(total_tokens, depth, top_k, draft.config.vocab_size, sampled=True)[0] <= total_tokens
+        assert N == shape.size(draft.config.vocab_size, sampled=True)[0] <= total_tokens
         assert tree.draft_probs.shape == (batch, N, draft.config.vocab_size)
         for b in range(batch):
             paths = {0: ()}
@@ -246,8 +248,8 @@ def test_sampled_root_children_are_iid_draws():
     sampler = lambda logits: sampling_probs(logits, temperature=1.0)  # noqa: E731
     with torch.no_grad():
         q = sampler(d.logits(root_hidden[0]))
-        tree = build_tree(d, cache, torch.zeros(rows, dtype=torch.int64), root_hidden, total_tokens=4, depth=0,
-                          top_k=3, sampler=sampler, generator=torch.Generator().manual_seed(0))
+        tree = build_tree(d, cache, torch.zeros(rows, dtype=torch.int64), root_hidden, TreeShape(4, 0, 3),
+                          sampler=sampler, generator=torch.Generator().manual_seed(0))
     for column in (1, 3):
         counts = torch.bincount(tree.tokens[:, column], minlength=6).double()
         expected = q.double() * rows
@@ -255,3 +257,21 @@ def test_sampled_root_children_are_iid_draws():
         p_value = float(torch.special.gammaincc(torch.tensor(2.5, dtype=torch.float64),
                                                 torch.tensor(stat / 2, dtype=torch.float64)))
         assert p_value > 1e-3, (counts, expected)
+
+
+# ----------------------------------------------------------------------------- TreeShape
+def test_tree_shape_validates_and_counts_nodes():
+    for bad, name in ((dict(total_tokens=0), "total_tokens"), (dict(depth=-1), "depth"), (dict(top_k=0), "top_k"),
+                      (dict(top_k=2.0), "top_k")):
+        with pytest.raises(ValueError, match=name):
+            TreeShape(**bad)
+    # top-k: level 1 has top_k children of the root, then depth levels of top_k x top_k, pruned to the budget
+    assert TreeShape(30, 3, 8).level_shapes(1000) == [(1, 8), (8, 8), (8, 8), (8, 8)]
+    assert TreeShape(30, 3, 8).size(1000) == (30, 24)
+    assert TreeShape(12, 5, 2).size(1000) == (12, 10)
+    assert TreeShape(6, 4, 1).size(1000) == (6, 4)          # a chain: depth + 1 drafted tokens
+    assert TreeShape(30, 2, 8).size(5)[0] == 30              # children clamp to the vocabulary
+    assert TreeShape(total_tokens=1).size(1000) == (1, 0)
+    assert TreeShape(10, 2, 2).size(1000, sampled=True)[0] <= 10
+    assert TreeShape.for_device("cpu") == CPU_TREE and TreeShape.for_device("cuda") == GPU_TREE
+    assert CPU_TREE.replace(depth=None, top_k=3) == TreeShape(12, 5, 3)
