@@ -12,15 +12,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <limits>
 #include <numeric>
+#include <string>
 #include <vector>
 
 namespace sparrow {
 namespace {
 
-// The draft layer's weights, input-major ([in, out]) as SparrowDraft's inference caches hold
-// them, plus the target's final norm and LM head. Order fixed by cpu_draft.py (WEIGHT_NAMES).
+// The draft layer's weights, input-major ([in, out]) as SparrowDraft.inference_weights() holds
+// them, plus the target's final norm and LM head; passed by name (cpu_draft.py builds the dict).
 struct Layer {
   at::Tensor table;        // [V, H]   fc applied to every normed token embedding
   at::Tensor feature_fc;   // [H, H]   fc's feature half, feature_norm weight folded in
@@ -40,17 +42,28 @@ struct Layer {
   std::vector<float> inv_freq;  // [D / 2]
 };
 
-Layer make_layer(const std::vector<at::Tensor>& w, at::ArrayRef<double> eps, int64_t num_heads,
-                 int64_t num_kv_heads, int64_t head_dim, double rope_theta, int64_t window, int64_t n_anchor) {
-  TORCH_CHECK(w.size() == 11, "sparrow_cpu: expected 11 draft weights, got ", w.size());
-  TORCH_CHECK(eps.size() == 4, "sparrow_cpu: expected 4 norm epsilons, got ", eps.size());
-  for (const auto& t : w) {
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(),
-                "sparrow_cpu: draft weights must be contiguous float32 CPU tensors");
-  }
-  Layer L{w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10],
-          eps[0], eps[1], eps[2], eps[3], num_heads, num_kv_heads, head_dim, w[0].size(1), w[0].size(0),
-          window, n_anchor, static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim))), {}};
+constexpr const char* kWeightNames[] = {"table", "feature_fc", "fuse", "input_norm", "qkv", "o",
+                                         "post_norm", "gate_up", "down", "final_norm", "lm_head"};
+
+at::Tensor weight(const c10::Dict<std::string, at::Tensor>& w, const char* name) {
+  TORCH_CHECK(w.contains(name), "sparrow_cpu: weights has no entry '", name, "'");
+  const at::Tensor t = w.at(name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(),
+              "sparrow_cpu: weights['", name, "'] must be a contiguous float32 CPU tensor");
+  return t;
+}
+
+Layer make_layer(const c10::Dict<std::string, at::Tensor>& w, double eps_feature, double eps_input, double eps_post,
+                 double eps_final, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double rope_theta,
+                 int64_t window, int64_t n_anchor) {
+  TORCH_CHECK(w.size() == std::size(kWeightNames), "sparrow_cpu: weights must hold exactly the entries table, "
+              "feature_fc, fuse, input_norm, qkv, o, post_norm, gate_up, down, final_norm, lm_head; got ", w.size());
+  const at::Tensor table = weight(w, "table");
+  Layer L{table, weight(w, "feature_fc"), weight(w, "fuse"), weight(w, "input_norm"), weight(w, "qkv"),
+          weight(w, "o"), weight(w, "post_norm"), weight(w, "gate_up"), weight(w, "down"), weight(w, "final_norm"),
+          weight(w, "lm_head"), eps_feature, eps_input, eps_post, eps_final, num_heads, num_kv_heads, head_dim,
+          table.size(1), table.size(0), window, n_anchor,
+          static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim))), {}};
   TORCH_CHECK(head_dim % 2 == 0 && num_heads % num_kv_heads == 0, "sparrow_cpu: bad head layout");
   TORCH_CHECK(L.qkv.size(1) == (num_heads + 2 * num_kv_heads) * head_dim, "sparrow_cpu: qkv weight shape");
   L.inv_freq.resize(head_dim / 2);
@@ -233,11 +246,12 @@ std::vector<int64_t> top_indices(const float* values, int64_t n, int64_t count) 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_tree(
-    std::vector<at::Tensor> weights, at::Tensor cache_k, at::Tensor cache_v, const at::Tensor& lengths,
-    const at::Tensor& root_tokens, const at::Tensor& root_hidden, at::IntArrayRef widths, at::IntArrayRef counts,
-    int64_t n_draft, at::ArrayRef<double> eps, int64_t num_heads, int64_t num_kv_heads, double rope_theta,
-    int64_t window, int64_t n_anchor) {
-  const Layer L = make_layer(weights, eps, num_heads, num_kv_heads, cache_k.size(3), rope_theta, window, n_anchor);
+    const c10::Dict<std::string, at::Tensor>& weights, at::Tensor cache_k, at::Tensor cache_v,
+    const at::Tensor& lengths, const at::Tensor& root_tokens, const at::Tensor& root_hidden, at::IntArrayRef widths,
+    at::IntArrayRef counts, int64_t n_draft, double eps_feature, double eps_input, double eps_post, double eps_final,
+    int64_t num_heads, int64_t num_kv_heads, double rope_theta, int64_t window, int64_t n_anchor) {
+  const Layer L = make_layer(weights, eps_feature, eps_input, eps_post, eps_final, num_heads, num_kv_heads,
+                             cache_k.size(3), rope_theta, window, n_anchor);
   TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous() && cache_k.scalar_type() == at::kFloat,
               "sparrow_cpu.draft_tree: the draft cache must be contiguous float32");
   TORCH_CHECK(widths.size() == counts.size() && !widths.empty() && widths[0] == 1,
@@ -384,11 +398,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // SparrowDraft.extend for entries [0, valid[b]) of each row (the engine's commit after a
 // verification, 1..depth+2 entries): returns hidden [B, T, H], zero at padding entries.
-at::Tensor draft_extend(std::vector<at::Tensor> weights, at::Tensor cache_k, at::Tensor cache_v,
+at::Tensor draft_extend(const c10::Dict<std::string, at::Tensor>& weights, at::Tensor cache_k, at::Tensor cache_v,
                         at::Tensor lengths, const at::Tensor& tokens, const at::Tensor& features,
-                        const at::Tensor& valid, at::ArrayRef<double> eps, int64_t num_heads, int64_t num_kv_heads,
-                        double rope_theta, int64_t window, int64_t n_anchor) {
-  const Layer L = make_layer(weights, eps, num_heads, num_kv_heads, cache_k.size(3), rope_theta, window, n_anchor);
+                        const at::Tensor& valid, double eps_feature, double eps_input, double eps_post,
+                        double eps_final, int64_t num_heads, int64_t num_kv_heads, double rope_theta, int64_t window,
+                        int64_t n_anchor) {
+  const Layer L = make_layer(weights, eps_feature, eps_input, eps_post, eps_final, num_heads, num_kv_heads,
+                             cache_k.size(3), rope_theta, window, n_anchor);
   TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous() && lengths.is_contiguous(),
               "sparrow_cpu.draft_extend: the draft cache must be contiguous");
   const int64_t B = tokens.size(0), T = tokens.size(1), H = L.H, capacity = cache_k.size(2);
@@ -424,14 +440,15 @@ at::Tensor draft_extend(std::vector<at::Tensor> weights, at::Tensor cache_k, at:
 
 TORCH_LIBRARY(sparrow_cpu, m) {
   m.def(
-      "draft_tree(Tensor[] weights, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor lengths, Tensor root_tokens, "
-      "Tensor root_hidden, int[] widths, int[] counts, int n_draft, float[] eps, int num_heads, int num_kv_heads, "
-      "float rope_theta, int window, int n_anchor) -> (Tensor tokens, Tensor parents, Tensor scores, Tensor depth, "
+      "draft_tree(Dict(str, Tensor) weights, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor lengths, "
+      "Tensor root_tokens, Tensor root_hidden, int[] widths, int[] counts, int n_draft, float eps_feature, "
+      "float eps_input, float eps_post, float eps_final, int num_heads, int num_kv_heads, float rope_theta, "
+      "int window, int n_anchor) -> (Tensor tokens, Tensor parents, Tensor scores, Tensor depth, "
       "Tensor tree_mask, Tensor next_token, Tensor next_sibling)");
   m.def(
-      "draft_extend(Tensor[] weights, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor(c!) lengths, Tensor tokens, "
-      "Tensor features, Tensor valid, float[] eps, int num_heads, int num_kv_heads, float rope_theta, int window, "
-      "int n_anchor) -> Tensor");
+      "draft_extend(Dict(str, Tensor) weights, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor(c!) lengths, "
+      "Tensor tokens, Tensor features, Tensor valid, float eps_feature, float eps_input, float eps_post, "
+      "float eps_final, int num_heads, int num_kv_heads, float rope_theta, int window, int n_anchor) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparrow_cpu, CPU, m) {

@@ -264,6 +264,26 @@ class SparrowDraft(nn.Module):
             "feature_fc", lambda: (self.fc.weight[:, H:] * self.feature_norm.weight).t().contiguous(),
             self.fc.weight, self.feature_norm.weight)
 
+    def inference_weights(self) -> dict[str, Tensor] | None:
+        """The layer's weights as drafting uses them, by name, for a compiled draft phase
+        (cpu_draft / csrc/draft_cpu.cpp): `table [V, H]` (fc of every normed token embedding),
+        `feature_fc [H, H]` (fc's feature half, feature_norm folded in), `fuse [F, H]` (empty
+        for one feature layer), `input_norm [H]`, `qkv [H, (Hq + 2 Hkv) D]`, `o [Hq D, H]`,
+        `post_norm [H]`, `gate_up [H, 2 I]`, `down [I, H]`; input-major, contiguous. None while
+        training or when the vocabulary is too large to tabulate (see _token_table)."""
+        table = self._token_table()
+        if table is None:
+            return None
+        fuse = self._fused("fuse", self.feature_fuse) if self.feature_fuse is not None else \
+            torch.empty(0, dtype=table.dtype, device=table.device)
+        weights = {"table": table, "feature_fc": self._feature_fc(), "fuse": fuse,
+                   "input_norm": self.input_norm.weight.detach(),
+                   "qkv": self._fused("qkv", self.q_proj, self.k_proj, self.v_proj), "o": self._fused("o", self.o_proj),
+                   "post_norm": self.post_attn_norm.weight.detach(),
+                   "gate_up": self._fused("gate_up", self.gate_proj, self.up_proj),
+                   "down": self._fused("down", self.down_proj)}
+        return {name: w.contiguous() for name, w in weights.items()}
+
     def fuse(self, features: Tensor) -> Tensor:
         """Target features `[.., F]` -> `[.., H]` (the slot a fed-back draft hidden takes)."""
         return self.feature_fuse(features) if self.feature_fuse is not None else features

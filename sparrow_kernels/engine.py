@@ -15,9 +15,12 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from sparrow_kernels import cpu_draft, ops
+from sparrow_kernels import ops
+from sparrow_kernels.draft_base import Draft, DraftRunner
+from sparrow_kernels.draft_inputs import kept_mask, kept_positions, open_entries
+from sparrow_kernels.runner import draft_runner
 from sparrow_kernels.targets.base import PrefillOutput, Target, VideoPrompt
-from sparrow_kernels.tree import GPU_TREE, DraftTree, TreeShape, build_tree
+from sparrow_kernels.tree import GPU_TREE, DraftTree, TreeShape
 
 DEFAULT_MAX_CONTEXT = 8192   # prompt tokens reserved per row when the caller gives no capacity
 
@@ -287,37 +290,22 @@ def _drain(chunks: Iterator[StreamChunk], session: _Session) -> GenerationResult
 # ----------------------------------------------------------------------------- draft inputs
 def draft_prompt_entries(prefill: PrefillOutput, first_tokens: Tensor,
                          visual_kv: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Which prompt positions enter the draft cache, with the EAGLE shift.
-
-    Sparrow (visual_kv=False) keeps the text positions (and always the last prompt
-    position); the visual-KV baseline keeps every position. Entry j pairs the target feature
-    at the j-th kept position with the token at the next kept position (the draft's own
-    order, as training/train_draft.py lays it out: t + 1 whenever the kept positions are
-    contiguous); the last entry pairs with `first_tokens [B]` (the first generated token).
-    Returns index `[B, P]` (kept prompt positions in order, -1 padding), tokens `[B, P]` and
-    valid `[B]` (entries per row).
+    """Which prompt positions enter the draft cache, with the EAGLE shift (draft_inputs):
+    Sparrow (visual_kv=False) keeps the text positions (and always the last prompt position),
+    the visual-KV baseline every position; entry j pairs the target feature at the j-th kept
+    position with the token at the next kept position, the last entry with `first_tokens [B]`
+    (the first generated token). Returns index `[B, P]` (kept prompt positions in order, -1
+    padding), tokens `[B, P]` and valid `[B]` (entries per row).
     """
-    input_ids, text_mask, lengths = prefill.input_ids, prefill.text_mask, prefill.lengths
-    B, T = input_ids.shape
-    device = input_ids.device
-    position = torch.arange(T, device=device)
-    in_prompt = position[None, :] < lengths[:, None]                                       # [B, T]
-    keep = in_prompt if visual_kv else (in_prompt & text_mask)
-    keep = keep | (position[None, :] == (lengths - 1)[:, None])
-    valid = keep.sum(dim=1)                                                                 # [B]
-    P = int(valid.max())
-    kept_first = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :P]    # [B, P]
-    real = torch.arange(P, device=device)[None, :] < valid[:, None]                       # [B, P]
-    index = torch.where(real, kept_first, -1)                                              # [B, P]
-    next_kept = torch.cat([kept_first[:, 1:], kept_first[:, :1]], dim=1)                  # [B, P]
-    tokens = input_ids.gather(1, next_kept)                                                # [B, P]
-    tokens = tokens.scatter(1, (valid - 1)[:, None], first_tokens[:, None].to(tokens.dtype))
-    return index, torch.where(real, tokens, 0), valid
+    keep = kept_mask(prefill.text_mask, prefill.lengths, visual_kv)                       # [B, T]
+    order, valid = kept_positions(keep)                                                    # [B, P], [B]
+    index, tokens = open_entries(order, valid, prefill.input_ids, first_tokens)
+    return index, tokens, valid
 
 
 # ----------------------------------------------------------------------------- the engine
 class SparrowGenerator:
-    """Speculative generation with a draft (docs/draft_api.md) for a target (targets/base.py).
+    """Speculative generation with a draft (draft_base.Draft) for a target (targets/base.Target).
 
     Each step, for all rows at once: grow an EAGLE-2 tree of shape `tree` (tree.TreeShape:
     total_tokens nodes incl. the root, depth expansion steps after the root's, top_k children
@@ -329,12 +317,12 @@ class SparrowGenerator:
     draft's tempered distribution and verifies with those draft probabilities (recursive
     rejection sampling); otherwise children are the top-k and verification is target-only.
     Both are lossless. `profile=True` synchronizes CUDA around each timed phase.
-    `fast_draft` (default True) runs the draft phase of top-k trees on a CPU through the
-    compiled path in cpu_draft (the same trees up to float rounding); False forces the
-    Python path everywhere (for comparisons).
+    `fast_draft` (default True) lets runner.draft_runner pick the compiled CPU draft phase
+    (cpu_draft; the same trees up to float rounding) where it applies, once per call; False
+    forces the Python path everywhere (for comparisons).
     """
 
-    def __init__(self, target: Target, draft, tree: TreeShape = GPU_TREE, *,
+    def __init__(self, target: Target, draft: Draft, tree: TreeShape = GPU_TREE, *,
                  draft_sampling: bool = False, tokenizer=None, capacity: int | None = None,
                  max_context: int = DEFAULT_MAX_CONTEXT, profile: bool = False, fast_draft: bool = True):
         if not isinstance(tree, TreeShape):
@@ -407,8 +395,8 @@ class SparrowGenerator:
         capacity = _capacity(target, prompts, capacity if capacity is not None else self.capacity,
                              max_new_tokens, nodes, self.max_context)
         generator = _make_generator(device, seed)
-        # the compiled CPU draft phase, weights marshalled once per call (None: Python path)
-        compiled = cpu_draft.prepare(draft) if self.fast_draft else None
+        runner: DraftRunner = draft_runner(draft, self.tree, sampler=sampler, generator=generator,
+                                           compiled=self.fast_draft)         # chosen once per call
 
         with clock.phase("prefill"):
             prefill = target.prefill(prompts, self.layers, capacity)
@@ -425,7 +413,7 @@ class SparrowGenerator:
             index, entry_tokens, valid = draft_prompt_entries(prefill, first, self.visual_kv)
             cache = draft.new_cache(B, int(valid.max()) + max_new_tokens + nodes + scratch + 1)
             features = self._prompt_features(prefill, index)
-            hidden = self._extend(compiled, cache, entry_tokens, features, valid)          # [B, P, H]
+            hidden = runner.extend(cache, entry_tokens, features, valid)                   # [B, P, H]
             rows = torch.arange(B, device=device)
             last_hidden = hidden[rows, (valid - 1).clamp(min=0)]                            # [B, H]
         del prefill, hidden, features
@@ -433,7 +421,7 @@ class SparrowGenerator:
         zero_draft_probs = None
         while True:
             with clock.phase("draft"):
-                tree = self._build_tree(compiled, cache, root, last_hidden, sampler, generator)
+                tree = runner.build_tree(cache, root, last_hidden)
             with clock.phase("verify"):
                 if bool((state.lengths + tree.num_nodes > capacity).any()):
                     raise RuntimeError(f"target KV capacity {capacity} would overflow: lengths "
@@ -466,38 +454,16 @@ class SparrowGenerator:
             if not bool(still.any()):
                 return
             with clock.phase("draft"):
+                # the accepted path with the EAGLE shift: entry i = the target feature at accepted
+                # node i with the next accepted node's token (the bonus after the last one)
                 width = int(kept_len.max())
-                # entry i: target feature at accepted node i, paired with the next token
-                # (the following accepted node, or the bonus after the last one)
-                next_tokens = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)[:, :width]
-                last_slot = (kept_len - 1).clamp(min=0)[:, None]
-                next_tokens = next_tokens.scatter(1, last_slot, bonus[:, None])            # [B, width]
-                node_index = torch.where(torch.arange(width, device=device)[None, :] < kept_len[:, None],
-                                         accept_index[:, :width], -1)                       # [B, width]
+                node_index, next_tokens = open_entries(accept_index[:, :width], kept_len, tree.tokens, bonus)
                 features = ops.gather_hidden([out.hidden[i] for i in self._feature_slots], node_index)
-                hidden = self._extend(compiled, cache, next_tokens, features, kept_len)    # [B, width, H]
-                new_last = hidden[rows, last_slot[:, 0]]
+                hidden = runner.extend(cache, next_tokens, features, kept_len)             # [B, width, H]
+                new_last = hidden[rows, (kept_len - 1).clamp(min=0)]
                 last_hidden = torch.where(still[:, None], new_last, last_hidden)
                 root = bonus
             del out, hidden, features
-
-    def _build_tree(self, compiled, cache, root: Tensor, last_hidden: Tensor, sampler, generator) -> DraftTree:
-        """The draft phase's tree: the compiled CPU path (cpu_draft) for top-k trees when it
-        applies, else tree.build_tree. Both draft the same tree up to float rounding."""
-        if compiled is not None and sampler is None:
-            tree = compiled.build_tree(cache, root, last_hidden, self.tree)
-            if tree is not None:
-                return tree
-        return build_tree(self.draft, cache, root, last_hidden, self.tree, sampler=sampler, generator=generator)
-
-    def _extend(self, compiled, cache, tokens: Tensor, features: Tensor, valid: Tensor) -> Tensor:
-        """draft.extend, through the compiled CPU path when it applies (hidden states of
-        padding entries then are zero; the engine reads only each row's last valid entry)."""
-        if compiled is not None:
-            hidden = compiled.extend(cache, tokens, features, valid)
-            if hidden is not None:
-                return hidden
-        return self.draft.extend(cache, tokens, features, valid)
 
     def _prompt_features(self, prefill: PrefillOutput, index: Tensor) -> Tensor:
         """Target features `[B, P, F]` of the chosen prompt positions (visual entries from

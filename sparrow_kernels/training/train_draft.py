@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import ops
 from ..draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, SparrowDraft
+from ..draft_inputs import kept_mask, kept_positions, shift_pairs
 from .distill_data import (DistillGroup, HiddenStateStore, TargetSequences, cached_answered_groups, file_plan,
                            tiny_plan)
 
@@ -66,20 +67,19 @@ class DraftBatch:
 
 
 def draft_order(seqs: TargetSequences, include_visual: bool, visual_first: bool) -> list[Tensor]:
-    """Target positions the draft sees, per row: text only (VATA), visual states first then
-    text (IVSB prefix under VATA), or every position in order (visual-KV)."""
-    orders = []
-    for b in range(seqs.ids.shape[0]):
-        n = int(seqs.lengths[b])
-        text = seqs.text_mask[b, :n]
-        positions = torch.arange(n)
-        if not include_visual:
-            orders.append(positions[text])
-        elif visual_first:
+    """Target positions the draft sees, per row: text only (VATA) or every position in order
+    (visual-KV), as inference keeps them (draft_inputs.kept_mask); or, for the IVSB prefix
+    under VATA (training only), the visual states first, then the text."""
+    if include_visual and visual_first:
+        orders = []
+        for b in range(seqs.ids.shape[0]):
+            n = int(seqs.lengths[b])
+            text = seqs.text_mask[b, :n]
+            positions = torch.arange(n)
             orders.append(torch.cat([positions[~text], positions[text]]))
-        else:
-            orders.append(positions)
-    return orders
+        return orders
+    order, count = kept_positions(kept_mask(seqs.text_mask, seqs.lengths, visual_kv=include_visual))
+    return [order[b, :int(count[b])] for b in range(order.shape[0])]
 
 
 def make_draft_batch(seqs: TargetSequences, config: DraftConfig, include_visual: bool, visual_first: bool,
@@ -90,10 +90,13 @@ def make_draft_batch(seqs: TargetSequences, config: DraftConfig, include_visual:
     order_index = torch.full((B, S + 1), -1, dtype=torch.long)                       # [B, S+1]
     for b, o in enumerate(orders):
         order_index[b, :len(o)] = o
+    # the EAGLE shift as inference lays it out; the last kept position's token lies past the
+    # sequence (no label), so a row has one entry fewer than kept positions
+    entry_pos, token_pos = shift_pairs(order_index, torch.tensor([len(o) for o in orders], dtype=torch.long))
     valid = torch.tensor([len(o) - 1 for o in orders], dtype=torch.long)             # [B]
     is_entry = torch.arange(S)[None, :] < valid[:, None]                             # [B, S]
-    entry_pos = torch.where(is_entry, order_index[:, :S], -1)                        # [B, S]
-    token_pos = torch.where(is_entry, order_index[:, 1:], -1)                        # [B, S]
+    entry_pos = torch.where(is_entry, entry_pos[:, :S], -1)                          # [B, S]
+    token_pos = token_pos[:, :S]                                                     # [B, S], -1 past valid
     tokens = seqs.ids.gather(1, token_pos.clamp(min=0)) * is_entry                   # [B, S]
     layers = [seqs.hidden[layer] for layer in config.feature_layers]
     features = ops.gather_hidden(layers, entry_pos)                                  # [B, S, F]

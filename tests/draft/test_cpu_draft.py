@@ -1,7 +1,8 @@
 """The compiled CPU draft phase (sparrow_kernels/cpu_draft.py, csrc/draft_cpu.cpp) against
 its spec, the Python draft (tree.build_tree over SparrowDraft.draft_step, SparrowDraft.extend):
 the same trees and cache contents on random drafts, caches and tree shapes, the same engine
-output, and every case it must decline (so the Python path runs) or reject."""
+output, every draft it must decline (so runner.draft_runner picks the Python path) and every
+bad input it must reject."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparrow_kernels import cpu_draft
+from sparrow_kernels.runner import MixedRunner, PythonRunner, draft_runner
 from sparrow_kernels.tree import TreeShape, build_tree
 
 from .test_draft import V, make_draft, rand_inputs
@@ -52,8 +54,7 @@ def test_tree_matches_python(B, lengths, shape, window, n_anchor, layers, seed):
         (c_py, c_fast), root_hidden = _filled_pair(draft, B, lengths, capacity=80, seed=seed)
         root = torch.randint(0, V, (B,), generator=torch.Generator().manual_seed(seed))
         expect = build_tree(draft, c_py, root, root_hidden, TreeShape(*shape))
-        got = cpu_draft.build_tree(draft, c_fast, root, root_hidden, TreeShape(*shape))
-    assert got is not None
+        got = cpu_draft.prepare(draft, TreeShape(*shape)).build_tree(c_fast, root, root_hidden)
     _assert_same_tree(expect, got)
     assert c_fast.scratch_len == c_py.scratch_len
     assert torch.equal(c_fast.scratch_pos, c_py.scratch_pos)
@@ -78,8 +79,7 @@ def test_extend_matches_python(B, start, T, window, n_anchor, layers, seed):
         (c_py, c_fast), _ = _filled_pair(draft, B, start[:B], capacity=40, seed=seed)
         tokens, features = rand_inputs(B, T, draft.config.feature_size, seed + 1)
         expect = draft.extend(c_py, tokens, features, valid)
-        out = cpu_draft.extend(draft, c_fast, tokens, features, valid)
-    assert out is not None
+        out = cpu_draft.prepare(draft, TreeShape()).extend(c_fast, tokens, features, valid)
     assert torch.equal(c_fast.lengths, c_py.lengths)
     for b in range(B):
         n = int(valid[b])
@@ -92,35 +92,66 @@ def test_extend_matches_python(B, start, T, window, n_anchor, layers, seed):
 
 
 def test_declines_what_it_does_not_cover(monkeypatch):
-    draft = make_draft()
-    (cache, _), root_hidden = _filled_pair(draft, 1, [5], capacity=40, seed=0)
-    root = torch.tensor([3])
-    tokens, features = rand_inputs(1, 2, draft.config.feature_size)
-    valid = torch.tensor([2])
+    draft, shape = make_draft(), TreeShape(8, 2, 2)
     with torch.no_grad():
-        assert cpu_draft.available(draft)
+        assert isinstance(cpu_draft.prepare(draft, shape), cpu_draft.CompiledDraft)
     # gradients on (training): never
-    assert not cpu_draft.available(draft)
-    assert cpu_draft.build_tree(draft, cache, root, root_hidden, TreeShape(8, 2, 2)) is None
+    assert cpu_draft.prepare(draft, shape) is None
     with torch.inference_mode():
-        # a one-node tree, too many extend entries, mismatched shapes: the Python path handles them
-        assert cpu_draft.build_tree(draft, cache, root, root_hidden, TreeShape(1, 2, 2)) is None
-        long_tokens, long_features = rand_inputs(1, cpu_draft.MAX_EXTEND_ENTRIES + 1, draft.config.feature_size)
-        assert cpu_draft.extend(draft, cache, long_tokens, long_features, torch.tensor([3])) is None
-        assert cpu_draft.build_tree(draft, cache, root, root_hidden[:, :5], TreeShape(8, 2, 2)) is None
-        assert cpu_draft.extend(draft, cache, tokens, features, torch.tensor([2, 2])) is None
         # objects that only implement the draft API, and the opt-out switch
-        assert not cpu_draft.available(object())
+        assert cpu_draft.prepare(object(), shape) is None
         monkeypatch.setenv("SPARROW_CPU_DRAFT", "0")
-        assert cpu_draft.extend(draft, cache, tokens, features, valid) is None
+        assert cpu_draft.prepare(draft, shape) is None
         monkeypatch.delenv("SPARROW_CPU_DRAFT")
         # non-fp32 drafts
-        half = make_draft().to(torch.bfloat16)
-        assert not cpu_draft.available(half)
+        assert cpu_draft.prepare(make_draft().to(torch.bfloat16), shape) is None
         # an LM head that is not Sequential(RMSNorm, Linear)
         other = make_draft()
         other.frozen.lm_head = torch.nn.Linear(other.config.hidden_size, V, bias=False)
-        assert not cpu_draft.available(other)
+        assert cpu_draft.prepare(other, shape) is None
+
+
+def test_runner_is_chosen_once_per_call():
+    draft, shape = make_draft(), TreeShape(8, 2, 2)
+    sampler = lambda logits: logits.softmax(-1)  # noqa: E731
+    with torch.inference_mode():
+        assert isinstance(draft_runner(draft, shape), cpu_draft.CompiledDraft)
+        assert isinstance(draft_runner(draft, shape, compiled=False), PythonRunner)
+        mixed = draft_runner(draft, shape, sampler=sampler)          # sampled trees grow in Python
+        assert isinstance(mixed, MixedRunner) and mixed.python.sampler is sampler
+        assert isinstance(draft_runner(make_draft().to(torch.bfloat16), shape), PythonRunner)
+
+
+def test_long_extends_and_root_only_trees_take_the_python_code():
+    draft = make_draft()
+    with torch.inference_mode():
+        (c_py, c_fast), root_hidden = _filled_pair(draft, 1, [5], capacity=cpu_draft.MAX_EXTEND_ENTRIES + 20, seed=0)
+        fast = cpu_draft.prepare(draft, TreeShape(total_tokens=1))
+        root = torch.tensor([3])
+        assert fast.build_tree(c_fast, root, root_hidden).tokens.tolist() == [[3]]
+        tokens, features = rand_inputs(1, cpu_draft.MAX_EXTEND_ENTRIES + 1, draft.config.feature_size)
+        valid = torch.tensor([cpu_draft.MAX_EXTEND_ENTRIES + 1])
+        expect = draft.extend(c_py, tokens, features, valid)
+        got = fast.extend(c_fast, tokens, features, valid)
+    assert torch.equal(got, expect)                       # the very same code ran
+    assert torch.equal(c_fast.lengths, c_py.lengths)
+
+
+def test_bad_inputs_name_the_argument():
+    draft = make_draft()
+    with torch.inference_mode():
+        (cache, _), root_hidden = _filled_pair(draft, 1, [5], capacity=40, seed=0)
+        fast = cpu_draft.prepare(draft, TreeShape(8, 2, 2))
+        tokens, features = rand_inputs(1, 2, draft.config.feature_size)
+        with pytest.raises(ValueError, match="root_hidden must have shape"):
+            fast.build_tree(cache, torch.tensor([3]), root_hidden[:, :5])
+        with pytest.raises(ValueError, match="root_tokens must be a torch.int64"):
+            fast.build_tree(cache, torch.tensor([3], dtype=torch.int32), root_hidden)
+        with pytest.raises(ValueError, match="valid must have shape"):
+            fast.extend(cache, tokens, features, torch.tensor([2, 2]))
+        with pytest.raises(ValueError, match="cache must be a DraftCache of batch 2"):
+            fast.extend(draft.new_cache(1, 8), torch.cat([tokens, tokens]), torch.cat([features, features]),
+                        torch.tensor([2, 2]))
 
 
 def test_capacity_overflow_is_an_error_and_leaves_the_cache():
@@ -129,9 +160,9 @@ def test_capacity_overflow_is_an_error_and_leaves_the_cache():
         (cache, _), root_hidden = _filled_pair(draft, 2, [5, 9], capacity=12, seed=0)
         before_k, before_len = cache.k.clone(), cache.lengths.clone()
         with pytest.raises(ValueError, match="capacity 12"):
-            cpu_draft.build_tree(draft, cache, torch.tensor([1, 2]), root_hidden, TreeShape(30, 3, 8))
+            cpu_draft.prepare(draft, TreeShape(30, 3, 8)).build_tree(cache, torch.tensor([1, 2]), root_hidden)
         tokens, features = rand_inputs(2, 4, draft.config.feature_size)
         with pytest.raises(ValueError, match="row 1 needs 13 draft cache slots"):
-            cpu_draft.extend(draft, cache, tokens, features, torch.tensor([1, 4]))
+            cpu_draft.prepare(draft, TreeShape()).extend(cache, tokens, features, torch.tensor([1, 4]))
     assert torch.equal(cache.lengths, before_len)
     assert torch.equal(cache.k.nan_to_num(), before_k.nan_to_num())

@@ -199,3 +199,38 @@ def test_file_plan_groups_local_videos_by_frame_count(target_dir, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"video": "a.mp4", "prompt": "x"}]))
     with pytest.raises(ValueError, match="entry 0 lacks 'num_frames'"):
         file_plan(target, str(tmp_path / "bad.json"), group_size=2)
+
+
+@pytest.mark.parametrize("visual_kv", [False, True])
+def test_training_lays_out_entries_as_inference_does(visual_kv):
+    """The EAGLE shift is one layout (sparrow_kernels/draft_inputs.py): on the prompt part of a
+    sequence (visual block inside the text, ragged rows), training's entries (target position,
+    token) equal the engine's prompt entries, except the engine's last one, whose token is the
+    first generated token."""
+    from types import SimpleNamespace
+
+    from sparrow_kernels.draft import DraftConfig
+    from sparrow_kernels.engine import draft_prompt_entries
+    from sparrow_kernels.training.distill_data import TargetSequences
+
+    lengths = torch.tensor([12, 9])
+    text_mask = torch.zeros(2, 12, dtype=torch.bool)
+    text_mask[0, [0, 1, 6, 7, 8, 9, 10, 11]] = True          # text, 4 visual, text
+    text_mask[1, [0, 4, 5, 6, 7, 8]] = True                  # text, 3 visual, text
+    ids = torch.randint(1, 50, (2, 12)) * (torch.arange(12) < lengths[:, None])
+    seqs = TargetSequences(ids, text_mask, lengths, answer_start=lengths - 2,
+                           hidden={1: torch.randn(2, 12, 8)})
+    config = DraftConfig(hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=16,
+                         vocab_size=50, feature_layers=(1,), visual_kv=visual_kv)
+    batch = train_draft.make_draft_batch(seqs, config, include_visual=visual_kv, visual_first=False, visual_layer=None)
+    first = torch.tensor([7, 8])
+    prefill = SimpleNamespace(input_ids=ids, text_mask=text_mask, lengths=lengths)
+    index, tokens, valid = draft_prompt_entries(prefill, first, visual_kv)
+    assert torch.equal(batch.valid, valid - 1)
+    for b in range(2):
+        n = int(batch.valid[b])
+        assert torch.equal(batch.token_pos[b, :n], index[b, 1:n + 1])          # token = next kept position
+        assert torch.equal(batch.tokens[b, :n], tokens[b, :n])
+        expect = seqs.hidden[1][b, index[b, :n]]                               # feature = this kept position
+        assert torch.equal(batch.features[b, :n], expect)
+        assert int(tokens[b, n]) == int(first[b])
