@@ -30,6 +30,9 @@ _check_build_matches_torch()
 from . import backend, ops, reference  # noqa: E402  (loads _C and registers fake/autograd impls)
 from .backend import BACKENDS, use_backend  # noqa: E402
 from .ops import gather_hidden, kv_compact, tree_verify_greedy, tree_verify_sample, window_attn  # noqa: E402
+from .targets.hf_register import register_when_transformers_loads  # noqa: E402
+
+register_when_transformers_loads()  # attn_implementation="sparrow" once transformers' modeling code loads
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,8 @@
 """Shared machinery of the stock-HF video LLM targets (Qwen2.5-VL, LLaVA-OneVision).
 
 Implements the `Target` protocol around an unmodified transformers model: per-row prefill,
-tree verification through a 4-D float attention mask and explicit positions, KV compaction
+tree verification with explicit positions and either the tree's structure (the "sparrow"
+attention implementation, targets/hf_attention.py) or a 4-D float attention mask, KV compaction
 of the transformers cache object with `sparrow_kernels.ops.kv_compact`, and hidden-state
 capture with forward hooks. It must not copy or patch any modeling code, and never download.
 """
@@ -18,6 +19,12 @@ from torch import nn
 
 from sparrow_kernels import ops
 from sparrow_kernels.targets.base import PrefillOutput, TargetState, TreeOutput, VideoPrompt
+from sparrow_kernels.targets.hf_attention import NAME as SPARROW_ATTENTION
+from sparrow_kernels.targets.hf_attention import tree_mask_structure
+
+# the adapters' default `attn_implementation`: torch.ops.sparrow.window_attn for decode and tree
+# verification, SDPA for prefill and the vision towers (docs/hf_attention.md)
+DEFAULT_ATTN_IMPLEMENTATION = SPARROW_ATTENTION
 
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
@@ -419,7 +426,7 @@ class HFVideoTarget:
         layers = check_layers(layers, self.num_layers)
         # drop the slots of an earlier, uncommitted tree
         truncate_cache(state.cache, state.slot_count)
-        mask = tree_attention_mask(state.lengths, state.slot_count, tree_mask, self.dtype)  # [B, 1, N, S+N]
+        mask = self._tree_mask(state, tree_mask)
         generated = state.lengths - state.prompt_lengths  # [B]
         positions = state.first_position[:, :, None] + generated[None, :, None] + depth[None]  # [P, B, N]
         with capture_hidden(self.decoder_layers, layers) as captured:
@@ -449,6 +456,17 @@ class HFVideoTarget:
         state.slot_count = compact_cache(state.cache, state.lengths, state.slot_count, accept_index, accept_len)
         state.lengths += accept_len
         state.tree_nodes = None
+
+    def _tree_mask(self, state: HFTargetState, tree_mask: torch.Tensor):
+        """The `attention_mask` of a tree forward: under "sparrow" attention the structure itself
+        (lengths, positions, tree mask; one per layer type, as the stock text models accept a
+        prepared mapping), else the 4-D float mask `[B, 1, N, S+N]`."""
+        text_config = self.model.config.get_text_config(decoder=True)
+        if text_config._attn_implementation == SPARROW_ATTENTION:
+            structure = tree_mask_structure(state.lengths, state.slot_count, tree_mask)
+            layer_types = getattr(text_config, "layer_types", None) or ["full_attention"]
+            return {layer_type: structure for layer_type in set(layer_types)}
+        return tree_attention_mask(state.lengths, state.slot_count, tree_mask, self.dtype)  # [B, 1, N, S+N]
 
     def _check_state(self, state) -> None:
         if not isinstance(state, HFTargetState) or state.cache is None:

@@ -14,6 +14,7 @@ import torch
 
 from sparrow_kernels.targets.base import VideoPrompt
 from sparrow_kernels.targets.hf_common import (
+    DEFAULT_ATTN_IMPLEMENTATION,
     HFVideoTarget,
     chat_text,
     check_text_ids,
@@ -59,7 +60,7 @@ class LlavaOneVisionTarget(HFVideoTarget):
     # --------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, directory, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                        attn_implementation: str = "sdpa", **kwargs) -> "LlavaOneVisionTarget":
+                        attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION, **kwargs) -> "LlavaOneVisionTarget":
         """Load a local checkpoint directory (never downloads) and its processor if present;
         `dtype` defaults to bf16 on a GPU and float32 on a CPU."""
         from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration  # noqa: PLC0415
@@ -75,7 +76,7 @@ class LlavaOneVisionTarget(HFVideoTarget):
     @staticmethod
     def tiny_config(num_layers: int = 3, num_heads: int = 3, num_kv_heads: int = 1, head_dim: int = 16,
                     vocab_size: int = 96, intermediate_size: int = 64, image_size: int = 28, patch_size: int = 7,
-                    attn_implementation: str = "sdpa"):
+                    attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION):
         """A small random LLaVA-OneVision config (Qwen2 text, SigLIP vision; no download) for tests
         and demos. Special ids at the top of the vocabulary: video, image, eos."""
         from transformers import LlavaOnevisionConfig  # noqa: PLC0415

@@ -14,6 +14,7 @@ import torch
 
 from sparrow_kernels.targets.base import VideoPrompt
 from sparrow_kernels.targets.hf_common import (
+    DEFAULT_ATTN_IMPLEMENTATION,
     HFVideoTarget,
     chat_text,
     check_text_ids,
@@ -83,7 +84,7 @@ class QwenVLTarget(HFVideoTarget):
     # --------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, directory, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                        attn_implementation: str = "sdpa", **kwargs) -> "QwenVLTarget":
+                        attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION, **kwargs) -> "QwenVLTarget":
         """Load a local checkpoint directory (never downloads) and its processor if present;
         `dtype` defaults to bf16 on a GPU and float32 on a CPU."""
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration  # noqa: PLC0415
@@ -99,7 +100,7 @@ class QwenVLTarget(HFVideoTarget):
     @staticmethod
     def tiny_config(num_layers: int = 3, num_heads: int = 3, num_kv_heads: int = 1, head_dim: int = 16,
                     vocab_size: int = 96, intermediate_size: int = 64, tokens_per_second: int = 2,
-                    attn_implementation: str = "sdpa"):
+                    attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION):
         """A small random Qwen2.5-VL config (no download) for tests and demos. Special ids sit
         at the top of the vocabulary: video, image, vision start, vision end, eos."""
         from transformers import Qwen2_5_VLConfig  # noqa: PLC0415
