@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparrow_kernels.ops import kv_compact
+
 from .base import PrefillOutput, TargetState, TreeOutput, VideoPrompt
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tinyvlm"
@@ -268,24 +270,6 @@ class TinyVLMState(TargetState):
     tree_size: int = 0              # nodes written by the last forward_tree (commit checks against it)
     n_visual: Tensor | None = None  # [B] visual tokens per row (slots 0 .. n_visual[b] - 1)
     visual_bias: Tensor | None = None   # [B] attention bias of visual keys (TinyVLMConfig.visual_bias)
-
-
-def _kv_compact_torch(kv: Tensor, prefix_len: Tensor, accept_index: Tensor, accept_len: Tensor) -> None:
-    """Same semantics as sparrow::kv_compact (used only when the compiled ops are absent).
-    Sources are strictly increasing with accept_index[i] >= i, so no earlier copy
-    overwrites a later source and gather-then-scatter equals the in-order copy."""
-    B, A = accept_index.shape
-    keep = torch.arange(A, device=kv.device)[None, :] < accept_len[:, None]          # [B, A]
-    rows = torch.arange(B, device=kv.device)[:, None].expand(B, A)[keep]
-    src = (prefix_len[:, None] + accept_index)[keep]
-    dst = (prefix_len[:, None] + torch.arange(A, device=kv.device))[keep]
-    kv[:, rows, :, dst] = kv[:, rows, :, src]
-
-
-try:
-    from sparrow_kernels.ops import kv_compact as _kv_compact
-except ImportError:  # the compiled ops package is not built (standalone training copy)
-    _kv_compact = _kv_compact_torch
 
 
 def _check_tensor(name: str, t, shape: tuple, dtypes: tuple, device: torch.device) -> None:
@@ -629,7 +613,7 @@ class TinyVLMTarget:
         used = torch.arange(A, device=self.device)[None] < accept_len[:, None]
         if bool((accept_index[used] >= state.tree_size).any()) or bool((accept_index[used] < 0).any()):
             raise ValueError(f"accept_index must index the {state.tree_size} nodes of the last forward_tree")
-        _kv_compact(state.kv, state.lengths, accept_index, accept_len)
+        kv_compact(state.kv, state.lengths, accept_index, accept_len)
         state.lengths += accept_len
         state.tree_size = 0
 
