@@ -261,5 +261,7 @@ def test_committed_checkpoint_reads_videos():
         for s, ids in zip(seeds, outputs):
             c, t = score_caption(trained.tokenizer.decode(ids), VideoWorld(s).facts)
             correct, total = correct + c, total + t
-        # a constant caption scores <= 28% on held-out videos; the committed model ~73%
-        assert correct / total >= 0.55, (frames, correct, total)
+        # a constant caption scores <= 28% on held-out videos; the committed checkpoint states
+        # 35/40 facts at 31 frames and 34/40 at 375 (87.5% / 85%, 1 thread); the bar leaves a
+        # margin of 2 facts (5 points) for float rounding across machines and thread counts
+        assert correct / total >= 0.80, (frames, correct, total)
