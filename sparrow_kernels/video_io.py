@@ -1,12 +1,16 @@
 """Read video files (mp4, webm, avi, ... whatever FFmpeg decodes) into `[T, H, W, 3]` uint8 RGB
 frames with PyAV: uniform sampling to N frames or at a frame rate, optional resize.
 
-Fails loudly with the reason: missing file, corrupt data, a stream that decodes no frames, or
-a request that would not fit in memory. It only reads; it must not know about any model.
+Fails loudly with the reason: missing file, a path that is no regular file, corrupt data, a
+stream that decodes no frames, or a request that would not fit in memory. Only the frames it
+returns are held in memory. It only reads; it must not know about any model.
 """
 from __future__ import annotations
 
+import errno
+import math
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +42,33 @@ def _av():
     return av
 
 
+def _check_path(path: Path) -> None:
+    """A readable regular file, or an error that says what the path is instead."""
+    try:
+        mode = path.stat().st_mode  # follows symbolic links
+    except FileNotFoundError as err:
+        if path.is_symlink():
+            raise FileNotFoundError(f"video file not found: {path} (a symbolic link to "
+                                    f"{os.readlink(path)}, which does not exist)") from err
+        raise FileNotFoundError(f"video file not found: {path}") from err
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ValueError(f"{path}: a loop of symbolic links, not a video file") from err
+        raise ValueError(f"{path}: cannot open the video file ({err.strerror or err})") from err
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{path} is a directory, not a video file")
+    if not stat.S_ISREG(mode):
+        kind = "a pipe" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        raise ValueError(f"{path} is {kind}, not a video file (sampling reads the file twice, so it must be "
+                         f"a regular file: save the stream to a file and pass its path)")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{path}: no permission to read the video file")
+
+
 def _open(path: Path):
     av = _av()
-    if not path.is_file():
-        raise FileNotFoundError(f"video file not found: {path}")
+    _check_path(path)
     try:
         container = av.open(str(path))
     except av.error.FileNotFoundError as err:  # raced away between the check and the open
@@ -106,9 +133,12 @@ def read_video(path: str | os.PathLike, num_frames: int | None = None, fps: floa
       `fps`: one frame every `1/fps` seconds of presentation time; neither: every frame.
     - `size`: `(height, width)` to resize to (FFmpeg's swscale, bicubic); default: as stored.
     - `max_bytes`: memory budget of the result (default: half the available RAM); a request
-      over it raises `VideoTooLargeError` saying how many frames would fit.
-    Raises FileNotFoundError for a missing file, ValueError for corrupt data, no video stream,
-    or a stream that decodes no frames although the container claims some.
+      over it raises `VideoTooLargeError` saying how many frames would fit. Only the kept
+      frames count (and only they are held): a stream without a frame count (e.g. a raw .m4v)
+      has its packets counted first, so `num_frames` sampling picks its frames while decoding.
+    Raises FileNotFoundError for a missing file, IsADirectoryError for a directory, ValueError
+    for a path that is no regular file (pipe, device, symbolic link loop), corrupt data, no video
+    stream, or a stream that decodes no frames although the container claims some.
     """
     if num_frames is not None and fps is not None:
         raise ValueError("read_video: pass num_frames or fps, not both")
@@ -129,25 +159,29 @@ def read_video(path: str | os.PathLike, num_frames: int | None = None, fps: floa
             expected = min(num_frames, info.frame_count) if info.frame_count else num_frames
         elif fps is not None:
             expected = max(1, int(info.duration * fps) + 1) if info.duration else 0
+            if info.frame_count:  # a rate above the stream's keeps each frame at most once
+                expected = min(expected, info.frame_count)
         else:
             expected = info.frame_count
         if expected * frame_bytes > budget:
-            fit = budget // max(frame_bytes, 1)
             raise VideoTooLargeError(
                 f"{path}: {expected} frames of {height}x{width} need {expected * frame_bytes / 2**20:.1f} MiB, "
-                f"over the budget of {budget / 2**20:.1f} MiB; at most {fit} frames fit (pass num_frames<={fit}, "
-                f"a lower fps, a smaller size, or a larger max_bytes)")
+                f"over the budget of {budget / 2**20:.1f} MiB; {_fix_for_budget(budget, frame_bytes)}")
         limit = budget // max(frame_bytes, 1)
         if num_frames is not None:
-            wanted = set(uniform_indices(info.frame_count, num_frames)) if info.frame_count else None
+            claimed, claim = info.frame_count, "the container claims"
+            if not claimed:  # no count in the container: count the packets (no decoding, nothing kept)
+                claimed, claim = _count_packets(container), "the stream holds"
+                container.close()
+                container = _open(path)
+            wanted = set(uniform_indices(claimed, num_frames))
             frames, decoded = _decode(container, path, size, keep_index=wanted, limit=limit)
-            if wanted is None or decoded != info.frame_count:
-                # the claimed count was unknown or wrong: sample again over the frames that exist
+            if decoded != claimed:
+                # the count was wrong: sample again over the frames that exist
                 if decoded == 0:
                     raise ValueError(_no_frames(path, info))
-                if wanted is not None:
-                    warnings.warn(f"{path}: the container claims {info.frame_count} frames but {decoded} decode; "
-                                  f"sampling over the {decoded}", stacklevel=2)
+                warnings.warn(f"{path}: {claim} {claimed} frames but {decoded} decode; "
+                              f"sampling over the {decoded}", stacklevel=2)
                 container.close()
                 container = _open(path)
                 keep = set(uniform_indices(decoded, num_frames))
@@ -162,6 +196,28 @@ def read_video(path: str | os.PathLike, num_frames: int | None = None, fps: floa
         return torch.stack(frames)  # [T, H, W, 3]
     finally:
         container.close()
+
+
+def _fix_for_budget(budget: int, frame_bytes: int) -> str:
+    """What to change when frames do not fit the budget (a fix that is valid as stated)."""
+    fit = budget // max(frame_bytes, 1)
+    if fit >= 1:
+        return (f"at most {fit} frames fit (pass num_frames={fit} or fewer, a lower fps, a smaller size, "
+                f"or a larger max_bytes)")
+    return "not even one frame fits (pass a smaller size or a larger max_bytes)"
+
+
+def _count_packets(container) -> int:
+    """Packets of the first video stream (one per frame for video codecs), read without decoding;
+    a stream cut short counts what demuxes."""
+    av = _av()
+    count = 0
+    try:
+        for packet in container.demux(container.streams.video[0]):
+            count += 1 if packet.size else 0
+    except (av.error.InvalidDataError, av.error.FFmpegError):
+        pass
+    return count
 
 
 def _no_frames(path: Path, info: VideoInfo) -> str:
@@ -191,16 +247,17 @@ def _decode(container, path: Path, size, keep_index: set[int] | None = None, per
             elif period is not None:
                 time = frame.time if frame.time is not None else index / float(stream.average_rate or 1)
                 start_time = time if start_time is None else start_time
-                take = time - start_time >= next_time - 1e-6
-                while time - start_time >= next_time - 1e-6:  # also skips gaps longer than the period
-                    next_time += period
+                elapsed = time - start_time
+                take = elapsed >= next_time - 1e-6
+                if take:  # the next multiple of the period after this frame (also skips longer gaps)
+                    next_time = (math.floor((elapsed + 1e-6) / period) + 1) * period
             else:
                 take = True
             if not take:
                 continue
             if limit is not None and len(kept) >= limit:
-                raise VideoTooLargeError(f"{path}: more frames decode than the container claimed, and more than "
-                                         f"the {limit} that fit the memory budget; pass num_frames<={limit}")
+                raise VideoTooLargeError(f"{path}: more frames decode than the container claimed, more than fit "
+                                         f"the memory budget; {_fix_for_budget(limit, 1)}")
             if size is not None:
                 rgb = frame.to_ndarray(format="rgb24", width=size[1], height=size[0], interpolation="BICUBIC")
             else:

@@ -181,3 +181,78 @@ def test_bad_arguments(mp4_file):
         read_video(mp4_file, fps=0)
     with pytest.raises(ValueError, match=r"size must be \(height, width\)"):
         read_video(mp4_file, size=(0, 10))
+
+
+@pytest.fixture(scope="module")
+def raw_m4v(tmp_path_factory) -> Path:
+    """300 frames of 640x480 in a raw MPEG-4 elementary stream: no container, no frame count."""
+    path = tmp_path_factory.mktemp("raw") / "clip.m4v"
+    with av.open(str(path), "w", format="m4v") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 640, 480, "yuv420p"
+        stream.options = {"qscale": "2"}
+        for i in range(300):
+            rgb = torch.full((480, 640, 3), i % 250, dtype=torch.uint8).numpy()
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_stream_without_frame_count_is_sampled_while_decoding(raw_m4v):
+    """num_frames=4 of 300 unknown-count frames: the budget covers the 4 kept frames only, and
+    no more than a few frames are ever held (before: all 300 decoded and kept, ~276 MB)."""
+    import tracemalloc
+
+    assert probe_video(raw_m4v).frame_count == 0
+    frame_bytes = 480 * 640 * 3
+    tracemalloc.start()
+    try:
+        out = read_video(raw_m4v, num_frames=4, max_bytes=5 * frame_bytes)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (4, 480, 640, 3)
+    levels = [round(f.float().mean().item()) for f in out]
+    assert all(abs(a - b % 250) <= 3 for a, b in zip(levels, uniform_indices(300, 4))), levels
+    assert peak < 12 * frame_bytes, f"peak {peak / 2**20:.0f} MiB while decoding"
+
+
+def test_fps_above_the_stream_rate_keeps_every_frame_once(mp4_file):
+    """fps=1e9 on a 24-frame file: the estimate is capped by the real frame count (before: it
+    estimated 2e9 frames and raised VideoTooLargeError)."""
+    out = read_video(mp4_file, fps=1e9)
+    assert [frame_index(f) for f in out] == list(range(FRAMES))
+    frame_bytes = HEIGHT * WIDTH * 3
+    assert read_video(mp4_file, fps=1e9, max_bytes=FRAMES * frame_bytes).shape[0] == FRAMES
+
+
+def test_too_large_suggests_a_valid_fix(mp4_file):
+    with pytest.raises(VideoTooLargeError, match=r"not even one frame fits \(pass a smaller size or a larger max_bytes\)") \
+            as info:
+        read_video(mp4_file, max_bytes=100)
+    assert "num_frames<=0" not in str(info.value)
+    with pytest.raises(VideoTooLargeError, match=r"pass num_frames=3 or fewer"):
+        read_video(mp4_file, max_bytes=3 * HEIGHT * WIDTH * 3)
+
+
+def test_paths_that_are_not_video_files(tmp_path):
+    import os
+
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a directory, not a video file"):
+        read_video(tmp_path)
+    loop = tmp_path / "loop.mp4"
+    os.symlink(loop, loop)
+    with pytest.raises(ValueError, match="loop.mp4: a loop of symbolic links"):
+        read_video(loop)
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="pipe.mp4 is a pipe, not a video file"):
+        read_video(fifo)
+    with pytest.raises(ValueError, match="/dev/null is a device, not a video file"):
+        probe_video("/dev/null")
+    dangling = tmp_path / "gone.mp4"
+    os.symlink(tmp_path / "missing.mp4", dangling)
+    with pytest.raises(FileNotFoundError, match="gone.mp4 .a symbolic link to .*missing.mp4, which does not exist"):
+        read_video(dangling)
