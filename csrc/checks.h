@@ -288,8 +288,10 @@ inline void check_kv_compact_inputs(const at::Tensor& kv, const at::Tensor& pref
       TORCH_CHECK(kept[i] > kept[i - 1], op, ": accept_index must be strictly increasing within accept_len, got accept_index[",
                   b, ", ", i - 1, ":", i + 1, "] = [", kept[i - 1], ", ", kept[i], "]");
     }
-    TORCH_CHECK(n_keep == 0 || start + kept[n_keep - 1] < S, op, ": prefix_len[b] + accept_index[b, i] must be < S = ", S,
-                ", got prefix_len[", b, "] + accept_index[", b, ", ", n_keep - 1, "] = ", start + kept[n_keep - 1]);
+    // compared without adding: start + kept[...] may overflow int64 (start, kept[...] >= 0 here)
+    TORCH_CHECK(n_keep == 0 || (start < S && kept[n_keep - 1] < S - start), op,
+                ": prefix_len[b] + accept_index[b, i] must be < S = ", S, ", got prefix_len[", b, "] = ", start,
+                " and accept_index[", b, ", ", n_keep - 1, "] = ", kept[n_keep - 1]);
   }
 }
 

@@ -214,9 +214,10 @@ def _check_kv_compact(kv, prefix_len, accept_index, accept_len) -> None:
             i = int((kept[1:] <= kept[:-1]).nonzero()[0, 0]) + 1
             raise ValueError(f"{op}: accept_index must be strictly increasing within accept_len, "
                              f"got accept_index[{b}, {i - 1}:{i + 1}] = {kept[i - 1:i + 1].tolist()}")
-        if n_keep > 0 and start + int(kept[-1]) >= S:
-            raise ValueError(f"{op}: prefix_len[b] + accept_index[b, i] must be < S = {S}, "
-                             f"got prefix_len[{b}] + accept_index[{b}, {n_keep - 1}] = {start + int(kept[-1])}")
+        # compared without adding, as csrc/checks.h (int64 sums there could overflow)
+        if n_keep > 0 and not (start < S and int(kept[-1]) < S - start):
+            raise ValueError(f"{op}: prefix_len[b] + accept_index[b, i] must be < S = {S}, got prefix_len[{b}] = "
+                             f"{start} and accept_index[{b}, {n_keep - 1}] = {int(kept[-1])}")
 
 
 # ----------------------------------------------------------------------------- fake impls

@@ -3,7 +3,8 @@ slots right after its committed prefix, for every layer of a stacked KV cache in
 
 One program per (layer, row, head) walks i = 0, 1, ... in order (layer/row/head reached by
 stride arithmetic; no pointer tables), so overlapping source/destination ranges are safe.
-It never touches slots below prefix_len[b]; validation is the ops front's job.
+It never touches slots below prefix_len[b] nor outside [0, S) for any index value (ranges are
+tested without forming overflowing sums); validation is the ops front's job.
 """
 from __future__ import annotations
 
@@ -32,15 +33,17 @@ def _kv_compact_kernel(kv_ptr, prefix_len_ptr, accept_index_ptr, accept_len_ptr,
     layer = pid // (H * B)
     b64 = b.to(tl.int64)
     prefix = tl.load(prefix_len_ptr + b)
-    n_accept = tl.minimum(tl.load(accept_len_ptr + b), A).to(tl.int32)
+    n_accept = tl.maximum(tl.minimum(tl.load(accept_len_ptr + b), A), 0).to(tl.int32)
     plane = kv_ptr + ((layer.to(tl.int64) * B + b64) * H + h) * S * D     # kv[l, b, h]
     cols = pid_col * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     for i in range(0, n_accept):
         node = tl.load(accept_index_ptr + b64 * stride_ab + i)
-        src = prefix + node
-        dst = prefix + i
-        move = (node != i) & (node >= 0) & (src < S) & (dst < S)
+        # in range without forming an overflowing sum: 0 <= prefix <= S, node < S - prefix, i < S - prefix
+        room = S - tl.minimum(tl.maximum(prefix, 0), S)
+        move = (node != i) & (node >= 0) & (prefix >= 0) & (node < room) & (i < room)
+        src = tl.where(move, prefix + node, 0)
+        dst = tl.where(move, prefix + i, 0)
         row = tl.load(plane + src * D + cols, mask=col_ok & move)
         tl.store(plane + dst * D + cols, row, mask=col_ok & move)
 

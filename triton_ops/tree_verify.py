@@ -31,10 +31,11 @@ def _tree_verify_greedy_kernel(candidates_ptr, predict_ptr, first_child_ptr, nex
     in_row = offs < N
     tokens = tl.load(candidates_ptr + b * stride_cb + offs, mask=in_row, other=-1)     # [BLOCK_N]
     predict = tl.load(predict_ptr + b * stride_pb + offs, mask=in_row, other=-1)
-    first_child = tl.load(first_child_ptr + b * stride_fb + offs, mask=in_row, other=-1).to(tl.int32)
-    sibling = tl.load(next_sibling_ptr + b * stride_sb + offs, mask=in_row, other=-1).to(tl.int32)
-    first_child = tl.where((first_child >= 0) & (first_child < N), first_child, -1)
-    sibling = tl.where((sibling >= 0) & (sibling < N), sibling, -1)
+    first_child = tl.load(first_child_ptr + b * stride_fb + offs, mask=in_row, other=-1)
+    sibling = tl.load(next_sibling_ptr + b * stride_sb + offs, mask=in_row, other=-1)
+    # range-tested in int64 before narrowing, so no out-of-range link aliases a node
+    first_child = tl.where((first_child >= 0) & (first_child < N), first_child, -1).to(tl.int32)
+    sibling = tl.where((sibling >= 0) & (sibling < N), sibling, -1).to(tl.int32)
 
     path = tl.where(offs == 0, 0, -1)                              # [BLOCK_N] accepted nodes
     cur = 0
@@ -158,10 +159,11 @@ def _tree_verify_sample_kernel(candidates_ptr, target_ptr, draft_ptr, first_chil
     in_row = offs < N
     tokens = tl.load(candidates_ptr + b * stride_cb + offs, mask=in_row, other=0)
     tokens = tl.where((tokens >= 0) & (tokens < V), tokens, 0).to(tl.int32)
-    first_child = tl.load(first_child_ptr + b * stride_fb + offs, mask=in_row, other=-1).to(tl.int32)
-    sibling = tl.load(next_sibling_ptr + b * stride_sb + offs, mask=in_row, other=-1).to(tl.int32)
-    first_child = tl.where((first_child >= 0) & (first_child < N), first_child, -1)
-    sibling = tl.where((sibling >= 0) & (sibling < N), sibling, -1)
+    first_child = tl.load(first_child_ptr + b * stride_fb + offs, mask=in_row, other=-1)
+    sibling = tl.load(next_sibling_ptr + b * stride_sb + offs, mask=in_row, other=-1)
+    # range-tested in int64 before narrowing, so no out-of-range link aliases a node
+    first_child = tl.where((first_child >= 0) & (first_child < N), first_child, -1).to(tl.int32)
+    sibling = tl.where((sibling >= 0) & (sibling < N), sibling, -1).to(tl.int32)
     coins = tl.load(uniform_accept_ptr + b * stride_ub + offs, mask=in_row, other=0.0).to(tl.float32)
     residual_row = residual_ptr + b * V                            # scratch [V] of this row
 

@@ -31,23 +31,30 @@ _MAX_SPLITS = 128
 
 # ----------------------------------------------------------------------------- shared jit helpers
 @triton.jit
-def _query_rows(row_start, Tq, q_pos_row_ptr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Rows of one tile: query index, head offset in the GQA group, validity, position, and
-    the smallest / largest position among the valid rows."""
+def _query_rows(row_start, Tq, Tk, window, q_pos_row_ptr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of one tile: query index, head offset in the GQA group, validity, and each row's
+    window rule over the key slots [0, Tk) as int32 bounds: slot j passes iff
+    first <= j <= last (or j < n_anchor), with last = min(pos, Tk) and first =
+    clamp(pos - window + 1, 0, Tk) (0 for window <= 0). They are formed from the int64
+    position without overflow, so any q_pos and window value is exact. Also the smallest
+    first and largest last among the valid rows."""
     rows = row_start + tl.arange(0, BLOCK_M)                       # [BLOCK_M]
     row_ok = rows < Tq * GROUP
     q_idx = rows // GROUP
     head_in_group = rows % GROUP
-    pos = tl.load(q_pos_row_ptr + q_idx, mask=row_ok, other=0).to(tl.int32)  # [BLOCK_M]
-    pos_min = tl.min(tl.where(row_ok, pos, 2147483647), axis=0)
-    pos_max = tl.max(tl.where(row_ok, pos, -2147483647), axis=0)
-    return q_idx, head_in_group, row_ok, pos, pos_min, pos_max
+    pos = tl.maximum(tl.load(q_pos_row_ptr + q_idx, mask=row_ok, other=0).to(tl.int64), -1)  # [BLOCK_M]
+    w1 = tl.maximum(window, 1).to(tl.int64)
+    first = tl.where(window > 0, tl.minimum(tl.maximum(pos - w1 + 1, 0), Tk), 0).to(tl.int32)
+    last = tl.minimum(pos, Tk).to(tl.int32)
+    first_min = tl.min(tl.where(row_ok, first, 2147483647), axis=0)
+    last_max = tl.max(tl.where(row_ok, last, -2147483647), axis=0)
+    return q_idx, head_in_group, row_ok, first, last, first_min, last_max
 
 
 @triton.jit
-def _key_segments(pos_min, pos_max, kv_len, Tq, window, n_anchor,
+def _key_segments(first_min, last_max, kv_len, Tq, window, n_anchor,
                   HAS_TREE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The key blocks a tile with positions in [pos_min, pos_max] must visit, as three
+    """The key blocks a tile with window bounds in [first_min, last_max] must visit, as three
     segments of whole blocks: anchors [0, anchor_end), window [lo, hi) (block-aligned start
     lo_aligned), tree slots [tree_lo, kv_len) (block-aligned start tree_aligned)."""
     if HAS_TREE:
@@ -60,13 +67,13 @@ def _key_segments(pos_min, pos_max, kv_len, Tq, window, n_anchor,
         tree_lo = kv_len
         tree_aligned = kv_len
         n_tree = kv_len * 0
-    hi = tl.minimum(pos_max + 1, prefix_end)
+    hi = tl.minimum(last_max + 1, prefix_end)
     if window > 0:
-        lo = tl.maximum(pos_min - window + 1, 0)
+        lo = first_min
         anchor_end = tl.maximum(tl.minimum(tl.minimum(n_anchor, lo), hi), 0)
     else:
-        lo = pos_min * 0
-        anchor_end = pos_min * 0
+        lo = first_min * 0
+        anchor_end = first_min * 0
     lo_aligned = (lo // BLOCK_N) * BLOCK_N
     n_win = tl.where(hi > lo, tl.cdiv(hi - lo_aligned, BLOCK_N), 0)
     n_anchor_blocks = tl.cdiv(anchor_end, BLOCK_N)
@@ -93,12 +100,11 @@ def _block_keys(t, anchor_end, lo, lo_aligned, hi, tree_lo, tree_aligned, kv_len
 
 
 @triton.jit
-def _visibility(keys, key_ok, is_tree, q_idx, row_ok, pos, tree_row_ptr, stride_ti, tree_lo,
-                window, n_anchor, HAS_TREE: tl.constexpr):
+def _visibility(keys, key_ok, is_tree, q_idx, row_ok, first, last, tree_row_ptr, stride_ti, tree_lo,
+                n_anchor, HAS_TREE: tl.constexpr):
     """bool [BLOCK_M, BLOCK_N]: which (query row, key) pairs of a block are visible."""
     k2 = keys[None, :]
-    p2 = pos[:, None]
-    rule = (k2 <= p2) & ((window <= 0) | (k2 >= p2 - window + 1) | (k2 < n_anchor))
+    rule = (k2 <= last[:, None]) & ((k2 >= first[:, None]) | (k2 < n_anchor))
     base = row_ok[:, None] & key_ok[None, :]
     if HAS_TREE:
         tree_bits = tl.load(tree_row_ptr + q_idx[:, None] * stride_ti + (k2 - tree_lo),
@@ -130,8 +136,8 @@ def _window_attn_fwd_kernel(
     b64 = b.to(tl.int64)
     Hq = Hkv * GROUP
 
-    q_idx, head_in_group, row_ok, pos, pos_min, pos_max = _query_rows(
-        pid_m * BLOCK_M, Tq, q_pos_ptr + b64 * stride_pb, GROUP, BLOCK_M)
+    q_idx, head_in_group, row_ok, first, last, first_min, last_max = _query_rows(
+        pid_m * BLOCK_M, Tq, Tk, window, q_pos_ptr + b64 * stride_pb, GROUP, BLOCK_M)
     head = kv_head * GROUP + head_in_group                         # [BLOCK_M]
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
@@ -139,9 +145,9 @@ def _window_attn_fwd_kernel(
                   + q_idx[:, None].to(tl.int64) * stride_qt + d[None, :])
     q = tl.load(q_tile_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
-    kv_len = tl.minimum(tl.load(kv_len_ptr + b).to(tl.int32), Tk)
+    kv_len = tl.minimum(tl.maximum(tl.load(kv_len_ptr + b), 0), Tk).to(tl.int32)
     (anchor_end, lo, lo_aligned, hi, tree_lo, tree_aligned,
-     n_anchor_blocks, n_win, n_tree) = _key_segments(pos_min, pos_max, kv_len, Tq, window,
+     n_anchor_blocks, n_win, n_tree) = _key_segments(first_min, last_max, kv_len, Tq, window,
                                                      n_anchor, HAS_TREE, BLOCK_N)
     n_blocks = n_anchor_blocks + n_win + n_tree
     per_split = tl.cdiv(n_blocks, NUM_SPLITS)
@@ -162,8 +168,8 @@ def _window_attn_fwd_kernel(
         k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_kt + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vt + d[None, :], mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
-        vis = _visibility(keys, key_ok, is_tree, q_idx, row_ok, pos, tree_row_ptr, stride_ti,
-                          tree_lo, window, n_anchor, HAS_TREE)
+        vis = _visibility(keys, key_ok, is_tree, q_idx, row_ok, first, last, tree_row_ptr, stride_ti,
+                          tree_lo, n_anchor, HAS_TREE)
         scores = tl.where(vis, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -234,8 +240,8 @@ def _window_attn_bwd_dq_kernel(
     b64 = b.to(tl.int64)
     Hq = Hkv * GROUP
 
-    q_idx, head_in_group, row_ok, pos, pos_min, pos_max = _query_rows(
-        pid_m * BLOCK_M, Tq, q_pos_ptr + b64 * stride_pb, GROUP, BLOCK_M)
+    q_idx, head_in_group, row_ok, first, last, first_min, last_max = _query_rows(
+        pid_m * BLOCK_M, Tq, Tk, window, q_pos_ptr + b64 * stride_pb, GROUP, BLOCK_M)
     head = kv_head * GROUP + head_in_group
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
@@ -249,9 +255,9 @@ def _window_attn_bwd_dq_kernel(
     lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     delta = tl.load(delta_ptr + row_index, mask=row_ok, other=0.0)
 
-    kv_len = tl.minimum(tl.load(kv_len_ptr + b).to(tl.int32), Tk)
+    kv_len = tl.minimum(tl.maximum(tl.load(kv_len_ptr + b), 0), Tk).to(tl.int32)
     (anchor_end, lo, lo_aligned, hi, tree_lo, tree_aligned,
-     n_anchor_blocks, n_win, n_tree) = _key_segments(pos_min, pos_max, kv_len, Tq, window,
+     n_anchor_blocks, n_win, n_tree) = _key_segments(first_min, last_max, kv_len, Tq, window,
                                                      n_anchor, HAS_TREE, BLOCK_N)
     k_base = k_ptr + b64 * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = v_ptr + b64 * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -265,8 +271,8 @@ def _window_attn_bwd_dq_kernel(
         k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_kt + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vt + d[None, :], mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        vis = _visibility(keys, key_ok, is_tree, q_idx, row_ok, pos, tree_row_ptr, stride_ti,
-                          tree_lo, window, n_anchor, HAS_TREE)
+        vis = _visibility(keys, key_ok, is_tree, q_idx, row_ok, first, last, tree_row_ptr, stride_ti,
+                          tree_lo, n_anchor, HAS_TREE)
         probs = tl.where(vis, tl.exp2(scores - lse_log2[:, None]), 0.0)       # [BLOCK_M, BLOCK_N]
         d_probs = tl.dot(d_out, tl.trans(v), input_precision=DOT_PRECISION)
         d_scores = probs * (d_probs - delta[:, None])
@@ -297,7 +303,7 @@ def _window_attn_bwd_dkdv_kernel(
     b64 = b.to(tl.int64)
     Hq = Hkv * GROUP
 
-    kv_len = tl.minimum(tl.load(kv_len_ptr + b).to(tl.int32), Tk)
+    kv_len = tl.minimum(tl.maximum(tl.load(kv_len_ptr + b), 0), Tk).to(tl.int32)
     if HAS_TREE:
         prefix_end = tl.maximum(kv_len - Tq, 0)
     else:
@@ -327,10 +333,10 @@ def _window_attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     n_row_tiles = tl.cdiv(Tq * GROUP, BLOCK_M)
     for m_tile in range(0, n_row_tiles):
-        q_idx, head_in_group, row_ok, pos, pos_min, pos_max = _query_rows(
-            m_tile * BLOCK_M, Tq, q_pos_row_ptr, GROUP, BLOCK_M)
-        sees_prefix = block_has_prefix & (pos_max >= key_start) & (
-            (window <= 0) | (key_start < n_anchor) | (pos_min - window + 1 <= key_last))
+        q_idx, head_in_group, row_ok, first, last, first_min, last_max = _query_rows(
+            m_tile * BLOCK_M, Tq, Tk, window, q_pos_row_ptr, GROUP, BLOCK_M)
+        sees_prefix = block_has_prefix & (last_max >= key_start) & (
+            (key_start < n_anchor) | (first_min <= key_last))
         if sees_prefix | block_has_tree:
             head = kv_head * GROUP + head_in_group
             tile_mask = row_ok[:, None] & d_ok[None, :]
@@ -345,8 +351,7 @@ def _window_attn_bwd_dkdv_kernel(
             delta = tl.load(delta_ptr + row_index, mask=row_ok, other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
             k2 = keys[None, :]
-            p2 = pos[:, None]
-            rule = ((k2 <= p2) & ((window <= 0) | (k2 >= p2 - window + 1) | (k2 < n_anchor))
+            rule = ((k2 <= last[:, None]) & ((k2 >= first[:, None]) | (k2 < n_anchor))
                     & (k2 < prefix_end))
             base = row_ok[:, None] & key_ok[None, :]
             if HAS_TREE:
@@ -444,6 +449,11 @@ def _check_inputs(q, k, v, kv_len, q_pos, tree_mask) -> None:
         raise ValueError(f"window_attn (triton): all tensors must be on q's device {device}")
 
 
+def _anchor_slots(n_anchor: int, Tk: int) -> int:
+    """n_anchor clamped to [0, Tk]: the same visibility over slots [0, Tk), in int32 range."""
+    return min(max(int(n_anchor), 0), Tk)
+
+
 def _common(q, k, v, kv_len, q_pos, tree_mask, scale):
     """Layout preparation shared by forward and backward."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -496,7 +506,7 @@ def window_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         q_pos.stride(0), stride_tb, stride_ti,
-        B, Hkv, Tq, Tk, D, int(window), int(n_anchor), scale * LOG2E,
+        B, Hkv, Tq, Tk, D, int(window), _anchor_slots(n_anchor, Tk), scale * LOG2E,
         GROUP=group, HAS_TREE=tree_mask is not None, NUM_SPLITS=num_splits,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
@@ -554,7 +564,7 @@ def window_attn_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                       v.stride(0), v.stride(1), v.stride(2),
                       d_out.stride(0), d_out.stride(1), d_out.stride(2),
                       q_pos.stride(0), stride_tb, stride_ti)
-    scalars = (Hkv, Tq, Tk, D, int(window), int(n_anchor), scale, scale * LOG2E)
+    scalars = (Hkv, Tq, Tk, D, int(window), _anchor_slots(n_anchor, Tk), scale, scale * LOG2E)
     _window_attn_bwd_dq_kernel[(cdiv(n_rows, dq_m), B * Hkv)](
         q, k, v, d_out, lse, delta, kv_len, q_pos, tree_u8, dq, *common_strides, *scalars,
         GROUP=group, HAS_TREE=tree_mask is not None, BLOCK_M=dq_m, BLOCK_N=dq_n,

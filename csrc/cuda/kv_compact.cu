@@ -9,7 +9,8 @@
 // reads a batch of source words into registers, synchronises, then writes them, which is the
 // sequential semantics exactly. Values that checks.h verifies only for CPU tensors are
 // made safe here: a copy whose source or destination slot falls outside [prefix_len[b], S), or
-// whose accept_index is negative, is skipped, and accept_len is clamped to [0, A].
+// whose accept_index is negative, is skipped (tested without forming an overflowing sum), and
+// accept_len is clamped to [0, A].
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -54,8 +55,9 @@ __global__ void __launch_bounds__(kThreads) kv_compact_kernel(const CompactParam
         dst_offset[j] = -1;
         if (w < total) {
           const int64_t i = w / p.slot_words, word = w % p.slot_words;
-          const int64_t src_slot = start + kept[i], dst_slot = start + i;
-          const bool in_range = start >= 0 && kept[i] >= 0 && src_slot < p.S && dst_slot < p.S;
+          // compared without adding first (start + kept[i] may overflow int64), as csrc/checks.h
+          const bool in_range = start >= 0 && start < p.S && kept[i] >= 0 && kept[i] < p.S - start && i < p.S - start;
+          const int64_t src_slot = in_range ? start + kept[i] : 0, dst_slot = in_range ? start + i : 0;
           if (in_range && src_slot != dst_slot) {
             words[j] = base[src_slot * p.slot_words + word];
             dst_offset[j] = dst_slot * p.slot_words + word;

@@ -145,9 +145,9 @@ __global__ void __launch_bounds__(kThreads) window_attn_split_kernel(const AttnP
     int64_t limit = 0;                                                              // max over rows of the last slot + 1
     int64_t first = prefix_end;                                                     // min over rows of the window start
     for (int m = 0; m < n_rows; ++m) {
-      const int64_t pos = row_pos[m];
-      limit = max(limit, min(prefix_end, pos + 1));
-      first = min(first, p.window > 0 ? pos - p.window + 1 : int64_t(0));
+      const int64_t pos = row_pos[m];  // any int64: no expression below overflows
+      limit = max(limit, pos < prefix_end ? pos + 1 : prefix_end);
+      first = min(first, (p.window > 0 && pos >= p.window) ? pos - p.window + 1 : int64_t(0));
     }
     const int64_t anchor_end = p.window > 0 ? min(p.n_anchor, limit) : int64_t(0);
     seg.anchor_end = static_cast<int>(anchor_end);
@@ -422,7 +422,14 @@ void launch_window_attn(const AttnInputs& in) {
 
   const int64_t row_tiles = cuda::ceil_div(Tq * group, MAX_M);
   const bool tree = in.tree_mask.defined();
-  const int64_t visited_keys = in.window > 0 ? std::min(Tk, in.window + in.n_anchor + Tq + (tree ? Tq : 0)) : Tk;
+  // min(Tk, window + n_anchor + Tq (+ Tq)) summed in steps that stop at Tk (window, n_anchor may be ~2^63)
+  int64_t visited_keys = Tk;
+  if (in.window > 0 && in.window < Tk) {
+    visited_keys = in.window;
+    for (const int64_t extra : {in.n_anchor, Tq, tree ? Tq : int64_t(0)}) {
+      visited_keys = extra < Tk - visited_keys ? visited_keys + extra : Tk;
+    }
+  }
   const int num_splits = choose_num_splits(visited_keys, B * Hkv * row_tiles);
   const int64_t all_rows = B * Hq * Tq;
 

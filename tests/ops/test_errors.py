@@ -179,7 +179,7 @@ BAD = [
     bad(KVC, "negative index", edit(accept_index=on_device([[-1, 0, -1], [0, 1, 4]])), r"accept_index values must be >= 0",
         reads_values=True),
     bad(KVC, "index past S", edit(accept_index=on_device([[0, 6, -1], [0, 1, 4]])),
-        r"must be < S = 8, got prefix_len\[0\] \+ accept_index\[0, 1\] = 8", reads_values=True),
+        r"must be < S = 8, got prefix_len\[0\] = 2 and accept_index\[0, 1\] = 6", reads_values=True),
 ]
 
 
