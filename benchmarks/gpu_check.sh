@@ -109,6 +109,17 @@ else
   echo "SKIP     bench (benchmarks/run.py not found)" >>"$OUT/summary.txt"
 fi
 
+# === helper "hfattn" block: the "sparrow" transformers attention implementation on the GPU =====
+# A stock Qwen2.5-VL with the 7B language-model shapes (random weights, bf16): decode step and
+# 30/64-node tree verification under "sparrow" / "sdpa" / "eager" over 0.5k..25k cached tokens,
+# with each row's largest logit difference to "sdpa" (benchmarks/hf_attention.py). Separate from
+# the steps above; skip it with GPU_CHECK_SKIP="hf_attention".
+if [ -f benchmarks/hf_attention.py ]; then
+  step hf_attention 150 $PYTHON benchmarks/hf_attention.py --device cuda --shapes 7b --lengths 500,6000,25000 \
+    --nodes 1,30,64 --out "$OUT"
+fi
+# === end of the "hfattn" block ==================================================================
+
 echo "total $(($(date +%s) - START))s, failed=$FAILED" >>"$OUT/summary.txt"
 cat "$OUT/summary.txt"
 exit $FAILED

@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import e2e  # noqa: E402
 import gpu_projection  # noqa: E402
+import hf_attention  # noqa: E402
 import tree_sweep  # noqa: E402
 
 
@@ -92,3 +93,18 @@ def test_gpu_projection_code_path_on_tiny_shapes(tmp_path):
         assert row["tau"] == {"sparrow": 4.0, "visual_kv": 3.0}
         assert row["projected_decoding_speedup"]["sparrow"] > 0
     assert data["meta"]["tau_source"] == "fixed"
+
+
+def test_hf_attention_benchmark_code_path(tmp_path):
+    """benchmarks/hf_attention.py --quick: the stock Qwen2.5-VL adapter's decode step and tree
+    verification under "sparrow" / "sdpa" / "eager" run, give the same logits, and are written
+    as JSON and Markdown; the times mean nothing here."""
+    assert hf_attention.main(["--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "hf_attention_quick.json").read_text())
+    assert [(r["cached_tokens"], r["nodes"]) for r in data["rows"]] == [(64, 1), (64, 4), (256, 1), (256, 4)]
+    for row in data["rows"]:
+        assert all(row[f"{impl}_ms"] > 0 for impl in hf_attention.IMPLEMENTATIONS)
+        assert max(row["max_abs_logit_diff_vs_sdpa"].values()) < 1e-4
+    table = (tmp_path / "hf_attention_quick.md").read_text().splitlines()
+    assert len(table) == 2 + len(data["rows"]) and table[2].startswith("| 64 | 1 | ")
+    assert hf_attention.main(["--quick", "--impls", "sparrow,flash", "--out", str(tmp_path)]) == 2

@@ -28,7 +28,7 @@ NAME = "sparrow"
 # "auto" routing: the op serves forwards of at most this many queries per row over a longer
 # key range (decode and tree verification over a KV cache); longer query blocks (prefill, the
 # vision towers) go to SDPA, which is faster there on the CPU (docs/hf_attention.md).
-MAX_OP_QUERIES = 32
+MAX_OP_QUERIES = 64
 ROUTES = ("auto", "op", "sdpa")
 OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
