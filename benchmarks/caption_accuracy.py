@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from collections import defaultdict
 
 import torch
@@ -55,33 +54,14 @@ def per_kind_hits(text: str, world: VideoWorld) -> dict[str, list[int]]:
     return out
 
 
-@torch.inference_mode()
 def timed_greedy(target: TinyVLMTarget, prompts, max_new_tokens: int):
-    """Greedy decoding as TinyVLMTarget.generate_greedy, timing prefill and decode apart.
-    Returns (token lists, prefill seconds, decode seconds, decode steps)."""
-    B = len(prompts)
-    capacity = max(target.visual_tokens_for(p.frames.shape[0]) for p in prompts) + max_new_tokens + 32
-    t0 = time.perf_counter()
-    state_out = target.prefill(prompts, layers=[], capacity=capacity)
-    t1 = time.perf_counter()
-    state, token = state_out.state, state_out.logits.argmax(-1)
-    generated = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
-    mask = torch.ones(B, 1, 1, dtype=torch.bool)
-    zeros, ones = torch.zeros(B, 1, dtype=torch.long), torch.ones(B, dtype=torch.long)
-    steps = 0
-    for step in range(max_new_tokens):
-        for b, t in enumerate(token.tolist()):
-            if not done[b]:
-                generated[b].append(t)
-        done |= torch.isin(token, torch.tensor(target.eos_token_ids))
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        out = target.forward_tree(state, token[:, None], mask, zeros, layers=[])
-        target.commit(state, zeros, ones)
-        token = out.logits[:, 0].argmax(-1)
-        steps += 1
-    return generated, t1 - t0, time.perf_counter() - t1, steps
+    """Greedy decoding (the library's one plain decoder, autoregressive_generate), timing
+    prefill and decode apart. Returns (token lists, prefill seconds, decode seconds, decode steps)."""
+    from sparrow_kernels.engine import autoregressive_generate
+
+    result = autoregressive_generate(target, prompts, max_new_tokens)
+    stats = result.stats
+    return result.tokens, stats.prefill_s, stats.decode_s, stats.steps
 
 
 def measure(target: TinyVLMTarget, visual_tokens: int, seeds: list[int], batch_size: int,

@@ -158,9 +158,10 @@ def run_setting(target, drafts, tree, prompt, max_new, temperature, seed, repeat
     prefill plus the method's own draft prompt pass. Returns per-method stats dicts and the
     equality check against autoregressive decoding."""
     from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
+    from sparrow_kernels.targets.decoding import kv_capacity
 
     layers = sorted({l for d in drafts.values() for l in d.config.target_layers})
-    capacity = target.prompt_lengths([prompt])[0] + max_new + tree.total_tokens + 8
+    capacity = kv_capacity(target.prompt_lengths([prompt])[0], max_new, tree_nodes=tree.total_tokens)
     cached = PrefillOnce(target, layers, capacity)
     cached.prefill([prompt], layers, capacity)                  # the one real prefill, timed
     target_prefill_s = cached.prefill_s[(id(prompt),)]

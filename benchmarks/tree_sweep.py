@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     from sparrow_kernels.draft import DEFAULT_DRAFT, SparrowDraft, committed_draft_dir
     from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
     from sparrow_kernels.targets.tinyvlm import TinyVLMTarget
+    from sparrow_kernels.targets.decoding import kv_capacity
     from sparrow_kernels.tree import TreeShape
 
     if args.threads > 0:
@@ -56,7 +57,8 @@ def main(argv=None) -> int:
     for L in lengths:
         prompts = [video_prompt(target, L, i) for i in range(args.videos)]
         longest = max(target.prompt_lengths(prompts))
-        cached = PrefillOnce(target, draft.config.target_layers, longest + args.max_new_tokens + 256)
+        capacity = kv_capacity(longest, args.max_new_tokens, tree_nodes=max(t.total_tokens for t in trees))
+        cached = PrefillOnce(target, draft.config.target_layers, capacity)
 
         methods = {"autoregressive": lambda p: autoregressive_generate(cached, [p], args.max_new_tokens)}
         for tree in trees:

@@ -19,6 +19,7 @@ from torch import nn
 
 from sparrow_kernels import ops
 from sparrow_kernels.targets.base import PrefillOutput, TargetState, TreeOutput, VideoPrompt
+from sparrow_kernels.targets.decoding import autoregressive_generate
 from sparrow_kernels.targets.hf_attention import NAME as SPARROW_ATTENTION
 from sparrow_kernels.targets.hf_attention import tree_mask_structure
 
@@ -473,45 +474,14 @@ class HFVideoTarget:
             raise ValueError(f"state must be the HFTargetState returned by {type(self).__name__}.prefill")
 
     # --------------------------------------------------------------- plain decoding
-    @torch.no_grad()
     def generate_greedy(self, prompts: Sequence[VideoPrompt], max_new_tokens: int,
                         eos_token_ids: Sequence[int] | None = None) -> list[list[int]]:
-        """Plain greedy decoding through the Target interface (prefill, then forward_tree with
-        N = 1 and commit per token): the autoregressive baseline. A row stops after emitting
-        an EOS id (kept in its output), as `generate(do_sample=False)` does."""
+        """Plain greedy decoding through the Target interface (decoding.autoregressive_generate):
+        the autoregressive baseline. A row stops after emitting an EOS id (kept in its output),
+        as `generate(do_sample=False)` does."""
         # the cache grows on demand, so the capacity is only the logical bound of the interface
-        return greedy_decode(self, prompts, max_new_tokens, capacity=UNBOUNDED_CAPACITY,
-                             eos_token_ids=eos_token_ids)
+        return autoregressive_generate(self, prompts, max_new_tokens, eos_token_ids=eos_token_ids,
+                                       capacity=UNBOUNDED_CAPACITY).tokens
 
 
 UNBOUNDED_CAPACITY = 1 << 40
-
-
-def greedy_decode(target, prompts: Sequence[VideoPrompt], max_new_tokens: int, capacity: int,
-                  eos_token_ids: Sequence[int] | None = None) -> list[list[int]]:
-    """Greedy decoding of any `Target` through its own interface: prefill, then per token a
-    one-node `forward_tree` and a `commit`. Row b's list ends after its first EOS id."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    eos = set(target.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    out = target.prefill(prompts, layers=(), capacity=capacity)
-    state, device = out.state, target.device
-    batch = out.logits.shape[0]
-    next_token = out.logits.argmax(-1)  # [B]
-    emitted: list[list[int]] = [[] for _ in range(batch)]
-    finished = [False] * batch
-    root_mask = torch.ones(batch, 1, 1, dtype=torch.bool, device=device)
-    root_depth = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    accept_index = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    accept_len = torch.ones(batch, dtype=torch.long, device=device)
-    for step in range(max_new_tokens):
-        for b, token in enumerate(next_token.tolist()):
-            if not finished[b]:
-                emitted[b].append(token)
-                finished[b] = token in eos
-        if all(finished) or step == max_new_tokens - 1:
-            break
-        tree = target.forward_tree(state, next_token[:, None], root_mask, root_depth, layers=())
-        target.commit(state, accept_index, accept_len)
-        next_token = tree.logits[:, 0].argmax(-1)
-    return emitted

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from sparrow_kernels.ops import kv_compact
 
 from .base import PrefillOutput, TargetState, TreeOutput, VideoPrompt
+from .decoding import autoregressive_generate
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tinyvlm"
 
@@ -618,34 +619,11 @@ class TinyVLMTarget:
         state.tree_size = 0
 
     # -- plain decoding ----------------------------------------------------------------
-    @torch.inference_mode()
     def generate_greedy(self, prompts: Sequence[VideoPrompt], max_new_tokens: int,
                         capacity: int | None = None) -> list[list[int]]:
-        """Plain autoregressive greedy decoding through prefill / forward_tree (N = 1) /
-        commit. Returns per row the generated ids, ending with EOS if it was produced."""
-        if capacity is None:
-            longest = max(self.visual_tokens_for(self._frames(i, p.frames).shape[0]) + len(self._prompt_ids(i, p))
-                          for i, p in enumerate(prompts))
-            capacity = longest + max_new_tokens + 1
-        out = self.prefill(prompts, layers=[], capacity=capacity)
-        state, B = out.state, len(prompts)
-        token = out.logits.argmax(-1)                                             # [B]
-        generated: list[list[int]] = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool)
-        ones_mask = torch.ones(B, 1, 1, dtype=torch.bool, device=self.device)
-        zeros = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-        ones = torch.ones(B, dtype=torch.long, device=self.device)
-        for step in range(max_new_tokens):
-            for b, t in enumerate(token.tolist()):
-                if not done[b]:
-                    generated[b].append(t)
-            done |= torch.isin(token.cpu(), torch.tensor(self.eos_token_ids))
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            tree = self.forward_tree(state, token[:, None], ones_mask, zeros, layers=[])
-            self.commit(state, zeros, ones)
-            token = tree.logits[:, 0].argmax(-1)
-        return generated
+        """Plain autoregressive greedy decoding (decoding.autoregressive_generate). Returns per
+        row the generated ids, ending with EOS if it was produced."""
+        return autoregressive_generate(self, prompts, max_new_tokens, capacity=capacity).tokens
 
     def answer(self, frames: Tensor, question: str | None = None, max_new_tokens: int = 64) -> str:
         """Greedy text answer (default question: the detailed caption)."""

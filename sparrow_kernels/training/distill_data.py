@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..targets.base import VideoPrompt
+from ..targets.decoding import kv_capacity
 
 # --------------------------------------------------------------------------- the plan (what to ask)
 
@@ -200,7 +201,7 @@ def run_target(target, group: DistillGroup, layers: Sequence[int]) -> TargetSequ
     with torch.inference_mode():
         probe = [target.visual_tokens_for(s.num_frames) + len(s.prompt_ids) for s in group.samples] \
             if hasattr(target, "visual_tokens_for") else None
-        capacity = (max(probe) if probe else 0) + A + 8
+        capacity = kv_capacity(max(probe) if probe else 0, 0, tree_nodes=A)     # the answer as one chain
         try:
             pre = target.prefill(prompts, layers, capacity)
         except ValueError:
