@@ -19,34 +19,71 @@ class UserError(Exception):
 
 
 # ----------------------------------------------------------------------------- helpers
+LONG_CLIP_FRAMES = 64    # reading more frames than this without --frames / --fps prints a notice
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _note(text: str) -> None:
+    print(f"sparrow: {text}", file=sys.stderr, flush=True)
+
+
 def _device(name: str):
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but CUDA is not available on this machine "
-                        f"(torch {torch.__version__}, CUDA build: {torch.version.cuda})")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"--device {name!r} is not a device name; expected auto, cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: Sparrow runs on cpu or cuda, not {device.type}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but CUDA is not available on this machine "
+                            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _threads(args, device) -> str:
+    """Pick the CPU threads (sparrow_kernels.threads, the rule train-target uses); a header note."""
+    if device.type != "cpu":
+        return ""
+    from sparrow_kernels.threads import pick_threads
+
+    count, why = pick_threads(args.threads)
+    return f", {count} thread{'s' if count > 1 else ''} ({why})"
+
+
+# errors a checkpoint that cannot be read raises from inside torch / safetensors / transformers
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 
 
 def _load_target(spec, device):
     from sparrow_kernels.targets import load_target
 
-    kwargs = {"device": device}
-    return load_target(spec, **kwargs)
+    try:
+        return load_target(spec, device=device)
+    except _LOAD_ERRORS as err:
+        what = "the built-in tiny video LM" if spec in (None, "tiny") else f"--target {spec}"
+        raise UserError(f"cannot load {what}: {_one_line(err)}") from err
 
 
-def _load_draft(path, target, default_name=None):
+def _load_draft(path, target):
     from sparrow_kernels.draft import SparrowDraft, committed_draft_dir
 
-    path = path or committed_draft_dir(*([default_name] if default_name else []))
+    path = path or committed_draft_dir()
     try:
         draft = SparrowDraft.load(path, target)
-    except FileNotFoundError as err:
-        raise UserError(str(err)) from err
+    except _LOAD_ERRORS as err:  # missing files, not a draft, unreadable or mismatched weights
+        raise UserError(f"--draft {path}: {_one_line(err)}") from err
     if draft.config.vocab_size != target.vocab_size or draft.config.hidden_size != target.hidden_size:
-        raise UserError(f"draft {path} does not match the target: draft vocab/hidden = "
+        raise UserError(f"--draft {path} does not match the target: draft vocab/hidden = "
                         f"{draft.config.vocab_size}/{draft.config.hidden_size}, target = "
                         f"{target.vocab_size}/{target.hidden_size}")
     return draft.to(target.device)
@@ -63,8 +100,9 @@ def _tree(args, device):
         raise UserError(str(err)) from err
 
 
-def _stream_text(chunks, decode, out=sys.stdout):
+def _stream_text(chunks, decode, out=None):
     """Print row 0's text as it is accepted; returns the last chunk (with the stats)."""
+    out = out if out is not None else sys.stdout     # the stdout of now, not of import time
     ids, printed, last = [], "", None
     for chunk in chunks:
         last = chunk
@@ -82,16 +120,55 @@ def _stream_text(chunks, decode, out=sys.stdout):
 
 
 def _decoder(target):
-    from sparrow_kernels.engine import _detokenizer
+    from sparrow_kernels.targets.decoding import detokenizer
 
-    return _detokenizer(target, None)
+    return detokenizer(target, None)
+
+
+def _decode_rate(stats, n_tokens) -> float:
+    """Decode-phase tokens/s (the first token comes from the prefill)."""
+    return (n_tokens - 1) / stats.decode_s if stats.decode_s > 0 else float("nan")
 
 
 def _speed_line(label, stats, n_tokens):
     tps = n_tokens / stats.total_s if stats.total_s > 0 else float("nan")
-    dec = (n_tokens - 1) / stats.decode_s if stats.decode_s > 0 else float("nan")
     return (f"{label:<14} {n_tokens:4d} tokens  prefill {stats.prefill_s * 1e3:7.0f} ms  decode "
-            f"{stats.decode_s * 1e3:7.0f} ms  ({dec:6.1f} tok/s decode, {tps:6.1f} tok/s end-to-end)")
+            f"{stats.decode_s * 1e3:7.0f} ms  ({_decode_rate(stats, n_tokens):6.1f} tok/s decode, "
+            f"{tps:6.1f} tok/s end-to-end)")
+
+
+def _spread(values, fmt: str = "{:.2f}x") -> str:
+    """'median M (min a, max b)' of per-round values, or the one value."""
+    import statistics
+
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return (f"median {fmt.format(statistics.median(values))} (min {fmt.format(min(values))}, "
+            f"max {fmt.format(max(values))})")
+
+
+def _unknown_words(target, text: str) -> list[str]:
+    """Words of `text` a word-level tokenizer (the tiny LM's) does not know; [] for others."""
+    vocab = getattr(getattr(target, "tokenizer", None), "word_to_id", None)
+    if not isinstance(vocab, dict):
+        return []
+    return list(dict.fromkeys(w for w in text.lower().split() if w not in vocab))
+
+
+def _visual_tokens(target, prompt) -> int:
+    """Visual tokens the prompt's frames become: the target's own count when it has one, else the
+    prompt length minus its text, measured through the preprocessing (2 vs 4 frames)."""
+    from dataclasses import replace
+
+    import torch
+
+    frames = prompt.frames
+    if hasattr(target, "visual_tokens_for"):
+        return int(target.visual_tokens_for(frames.shape[0]))
+    total = target.prompt_lengths([prompt])[0]
+    idx = torch.arange(4) % frames.shape[0]
+    two, four = target.prompt_lengths([replace(prompt, frames=frames[idx[:2]]), replace(prompt, frames=frames[idx])])
+    return int(total - (two - (four - two)))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -103,50 +180,92 @@ def cmd_demo(args) -> int:
 
     torch.manual_seed(0)
     device = _device(args.device)
+    threads = _threads(args, device)
     target = _load_target("tiny", device)
     draft = _load_draft(args.draft, target)
-    visual_tokens = args.visual_tokens or (1000 if args.quick else 6000)
-    max_new = args.max_new_tokens or (48 if args.quick else 96)
+    visual_tokens = args.visual_tokens if args.visual_tokens is not None else (1000 if args.quick else 6000)
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else (48 if args.quick else 96)
     frames = target.frames_for(visual_tokens)
     world = VideoWorld(heldout_seed(args.seed))
-    video = world.render(frames)
-    prompt = target.make_prompt(video)
+    prompt = target.make_prompt(world.render(frames))
     tree = _tree(args, device)
+    greedy = args.temperature == 0
+    decode = _decoder(target)
     print(f"Sparrow demo: built-in tiny video LM ({target.num_layers} layers, d={target.hidden_size}), "
-          f"synthetic video of {frames} frames = {target.visual_tokens_for(frames)} visual tokens, "
-          f"device {device}, tree {tree.as_dict()}")
-    print(f"ground truth: {world.caption}")
+          f"synthetic video of {frames} frames = {target.visual_tokens_for(frames)} visual tokens "
+          f"(asked {visual_tokens}), up to {max_new} new tokens, device {device}{threads}, tree {tree.as_dict()}")
+    print(f"ground truth  : {world.caption}")
 
-    ar = autoregressive_generate(target, [prompt], max_new, temperature=args.temperature, seed=args.seed,
-                                 tokenizer=target.tokenizer)          # KV cache sized from prompt_lengths
+    def run_ar():
+        return autoregressive_generate(target, [prompt], max_new, temperature=args.temperature, seed=args.seed,
+                                       tokenizer=target.tokenizer)
+
     gen = SparrowGenerator(target, draft, tree, tokenizer=target.tokenizer)
-    print("sparrow     : ", end="", flush=True)
-    last, ids = _stream_text(gen.stream([prompt], max_new, temperature=args.temperature, seed=args.seed),
-                             _decoder(target))
-    st = last.stats
-    print(_speed_line("autoregressive", ar.stats, len(ar.tokens[0])))
-    print(_speed_line("sparrow", st, len(ids)))
-    same = ids == ar.tokens[0]
-    speedup_dec = ar.stats.decode_s / st.decode_s if st.decode_s > 0 else float("nan")
-    speedup_e2e = ar.stats.total_s / st.total_s if st.total_s > 0 else float("nan")
-    print(f"tau {st.tau:.2f} tokens/step over {st.steps} steps; decoding speedup {speedup_dec:.2f}x, "
-          f"end-to-end {speedup_e2e:.2f}x; output identical to autoregressive: "
-          f"{same if args.temperature == 0 else 'n/a (sampling)'}")
-    if args.temperature == 0 and not same:
-        print("ERROR: speculative output differs from plain greedy decoding", file=sys.stderr)
+    print("autoregressive pass (the target alone, no draft: the reference answer and timing) ...", flush=True)
+    ar_runs = [run_ar()]
+    print(f"autoregressive: {decode(ar_runs[0].tokens[0])}")
+    print("sparrow       : ", end="", flush=True)
+    last, ids = _stream_text(gen.stream([prompt], max_new, temperature=args.temperature, seed=args.seed), decode)
+    sp_runs = [(last.stats, ids)]
+    if args.rounds > 1:
+        print(f"timing: {args.rounds - 1} more interleaved round(s) of autoregressive then sparrow ...", flush=True)
+    for _ in range(args.rounds - 1):
+        ar_runs.append(run_ar())
+        res = gen.generate([prompt], max_new, temperature=args.temperature, seed=args.seed)
+        sp_runs.append((res.stats, res.tokens[0]))
+    ar_rates = [_decode_rate(r.stats, len(r.tokens[0])) for r in ar_runs]
+    sp_rates = [_decode_rate(st, len(tokens)) for st, tokens in sp_runs]
+    speedups = [s / a for a, s in zip(ar_rates, sp_rates)]
+    e2e = [(len(t) / st.total_s) / (len(r.tokens[0]) / r.stats.total_s) for r, (st, t) in zip(ar_runs, sp_runs)]
+    rounds = f"over {len(speedups)} interleaved round{'s' if len(speedups) > 1 else ''}"
+    print(f"decode tok/s {rounds}: autoregressive {_spread(ar_rates, '{:.1f}')}, sparrow {_spread(sp_rates, '{:.1f}')}")
+    print(f"tau {sp_runs[0][0].tau:.2f} tokens/step over {sp_runs[0][0].steps} steps; decoding speedup "
+          f"{_spread(speedups)}; end-to-end (prefill included) {_spread(e2e)}")
+    if not greedy:
+        print("identical: n/a at temperature > 0 (sampling is lossless in distribution, not token for token)")
+        return 0
+    differ = [k + 1 for k, (r, (_, t)) in enumerate(zip(ar_runs, sp_runs)) if t != r.tokens[0]]
+    if differ:
+        print(f"ERROR: the speculative output differs from the target's own greedy answer in round(s) {differ}",
+              file=sys.stderr)
         return 1
+    print("identical: yes - sparrow's answer is token for token the target's own greedy answer (the "
+          "autoregressive line; lossless, which says nothing about whether the caption is right)")
     return 0
 
 
 def cmd_generate(args) -> int:
-    from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
-    from sparrow_kernels.video_io import read_video
+    import warnings
 
+    from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
+    from sparrow_kernels.video_io import probe_video, read_video
+
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty; ask something about the video, e.g. --prompt \"describe the video\"")
+    if args.target and not args.draft and not args.no_draft:
+        raise UserError("--target DIR needs --draft DIR (train one with `sparrow train-draft`), "
+                        "or pass --no-draft for plain decoding")
     device = _device(args.device)
+    _threads(args, device)
+    info = probe_video(args.video)
     target = _load_target(args.target or "tiny", device)
-    frames = read_video(args.video, num_frames=args.frames, fps=args.fps)
-    prompt = target.make_prompt(frames, args.prompt) if hasattr(target, "make_prompt") else None
-    if prompt is None:
+    unknown = _unknown_words(target, args.prompt)
+    if unknown:
+        _note(f"note: the built-in tiny video LM knows only the words of its synthetic captions and questions; "
+              f"these words of --prompt are unknown to it (read as <unk>): {', '.join(unknown)}")
+    if args.frames is None and args.fps is None and info.frame_count > LONG_CLIP_FRAMES:
+        per_frame = f" = {target.visual_tokens_for(info.frame_count):,} visual tokens" \
+            if hasattr(target, "visual_tokens_for") else ""
+        _note(f"note: reading all {info.frame_count:,} frames of {args.video}{per_frame}; pass --frames N or "
+              f"--fps R to sample fewer")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frames = read_video(args.video, num_frames=args.frames, fps=args.fps)
+    for w in caught:  # one line each, not Python's warning format with its source line
+        _note(f"warning: {_one_line(w.message)}")
+    if hasattr(target, "make_prompt"):
+        prompt = target.make_prompt(frames, args.prompt)
+    else:
         from sparrow_kernels.targets.base import VideoPrompt
 
         prompt = VideoPrompt(frames=frames, prompt=args.prompt)
@@ -157,15 +276,14 @@ def cmd_generate(args) -> int:
         print(decode(res.tokens[0]) if decode else res.tokens[0])
         stats, n = res.stats, len(res.tokens[0])
     else:
-        if args.target and not args.draft:
-            raise UserError("--target DIR needs --draft DIR (train one with `sparrow train-draft`), "
-                            "or pass --no-draft for plain decoding")
         draft = _load_draft(args.draft, target)
         gen = SparrowGenerator(target, draft, _tree(args, device))
         last, ids = _stream_text(gen.stream([prompt], args.max_new_tokens, temperature=args.temperature,
                                             top_p=args.top_p, seed=args.seed), decode)
         stats, n = last.stats, len(ids)
     if args.stats:
+        print(f"video: {frames.shape[0]} frames of {frames.shape[1]}x{frames.shape[2]} "
+              f"(of {info.frame_count or '?'} in the file) = {_visual_tokens(target, prompt):,} visual tokens")
         print(_speed_line("stats", stats, n))
         print(f"tau {stats.tau:.2f}, steps {stats.steps}, draft {stats.draft_s * 1e3:.0f} ms, "
               f"verify {stats.verify_s * 1e3:.0f} ms, bookkeeping {stats.bookkeeping_s * 1e3:.0f} ms")
@@ -195,24 +313,56 @@ def cmd_bench(which: str, rest) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _float_in(low: float, high: float = float("inf"), low_open: bool = False, what: str = ""):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > low if low_open else value >= low) or not value <= high or value != value:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
+
+
+TEMPERATURE = _float_in(0.0, 1e6, what="a finite number >= 0 (0 = greedy)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparrow", description="Lossless speculative decoding for video LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def tree_opts(sp):
+    def common_opts(sp):
         sp.add_argument("--total-tokens", dest="total_tokens", type=int, default=None, help="draft tree nodes incl. root")
         sp.add_argument("--depth", type=int, default=None, help="draft tree expansion depth")
         sp.add_argument("--top-k", dest="top_k", type=int, default=None, help="children per expanded node (1 = chain)")
+        sp.add_argument("--threads", type=_int_at_least(0), default=0,
+                        help="CPU threads (0: $OMP_NUM_THREADS, else 2 on an idle machine and 1 on a busy one)")
 
     d = sub.add_parser("demo", help="tiny video LM + committed Sparrow draft vs autoregressive, side by side")
     d.add_argument("--quick", action="store_true", help="a shorter video and answer (CI smoke)")
-    d.add_argument("--visual-tokens", type=int, default=None, help="visual tokens of the synthetic video (default 6000)")
-    d.add_argument("--max-new-tokens", type=int, default=None)
-    d.add_argument("--temperature", type=float, default=0.0)
+    d.add_argument("--visual-tokens", type=_int_at_least(1), default=None,
+                   help="visual tokens of the synthetic video (default 6000, --quick 1000)")
+    d.add_argument("--max-new-tokens", type=_int_at_least(1), default=None, help="default 96, --quick 48")
+    d.add_argument("--temperature", type=TEMPERATURE, default=0.0)
     d.add_argument("--seed", type=int, default=0, help="which held-out synthetic video")
+    d.add_argument("--rounds", type=_int_at_least(1), default=3,
+                   help="interleaved autoregressive / sparrow rounds; the speedup is shown as median, min, max")
     d.add_argument("--draft", default=None, help="draft directory (default: the committed Sparrow draft)")
     d.add_argument("--device", default="cpu")
-    tree_opts(d)
+    common_opts(d)
 
     g = sub.add_parser("generate", help="answer a prompt about a video file")
     g.add_argument("--video", required=True, help="mp4/webm/avi file")
@@ -220,21 +370,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", default=None, help="local Qwen2.5-VL / LLaVA-OneVision directory (default: built-in tiny LM)")
     g.add_argument("--draft", default=None, help="draft directory (default: the committed draft of the tiny LM)")
     g.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding")
-    g.add_argument("--frames", type=int, default=None, help="sample this many frames uniformly")
-    g.add_argument("--fps", type=float, default=None, help="or sample at this rate")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", dest="top_p", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--frames", type=_int_at_least(1), default=None,
+                   help="sample this many frames uniformly (default: every frame)")
+    g.add_argument("--fps", type=_float_in(0.0, 1e9, low_open=True, what="a number > 0"), default=None,
+                   help="or sample at this rate")
+    g.add_argument("--temperature", type=TEMPERATURE, default=0.0)
+    g.add_argument("--top-p", dest="top_p", type=_float_in(0.0, 1.0, low_open=True, what="in (0, 1]"), default=1.0)
+    g.add_argument("--max-new-tokens", type=_int_at_least(1), default=128)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stats", action="store_true", help="print tau and the time split")
+    g.add_argument("--stats", action="store_true", help="print the frames and visual tokens used, tau and the time split")
     g.add_argument("--device", default="auto")
-    tree_opts(g)
+    common_opts(g)
 
     sub.add_parser("train-target", help="train the tiny video LM (options: sparrow train-target --help)", add_help=False)
     sub.add_parser("train-draft", help="train a draft (options: sparrow train-draft --help)", add_help=False)
-    b = sub.add_parser("bench", help="benchmarks: kernels (benchmarks/run.py) or e2e (benchmarks/e2e.py)", add_help=False)
-    b.add_argument("which", choices=("kernels", "e2e"))
+    sub.add_parser("bench", help="benchmarks: kernels (benchmarks/run.py) or e2e (benchmarks/e2e.py)", add_help=False)
     return p
+
+
+BENCH_HELP = """usage: sparrow bench {kernels,e2e} [options]
+
+Run a benchmark of the source tree (they ship with the repository, not the wheel):
+  kernels   benchmarks/run.py: the ops against their baselines
+  e2e       benchmarks/e2e.py: autoregressive vs drafts at several visual-token counts
+
+Options are the script's own: sparrow bench kernels --help, sparrow bench e2e --help."""
 
 
 def main(argv=None) -> int:
@@ -244,8 +404,13 @@ def main(argv=None) -> int:
         if argv and argv[0] in ("train-target", "train-draft"):
             return cmd_train_target(argv[1:]) if argv[0] == "train-target" else cmd_train_draft(argv[1:])
         if argv and argv[0] == "bench":
+            if len(argv) >= 2 and argv[1] in ("-h", "--help"):
+                print(BENCH_HELP)
+                return 0
             if len(argv) < 2 or argv[1] not in ("kernels", "e2e"):
-                parser.error("bench needs 'kernels' or 'e2e'")
+                print(BENCH_HELP.splitlines()[0], file=sys.stderr)
+                print("sparrow bench: error: name the benchmark: kernels or e2e", file=sys.stderr)
+                return 2
             return cmd_bench(argv[1], argv[2:])
         args = parser.parse_args(argv)
         return {"demo": cmd_demo, "generate": cmd_generate}[args.command](args)
@@ -255,7 +420,7 @@ def main(argv=None) -> int:
     except (UserError, FileNotFoundError, NotImplementedError, ValueError, MemoryError, OSError) as err:
         if os.environ.get("SPARROW_DEBUG"):
             raise
-        print(f"sparrow: error: {err}", file=sys.stderr)
+        print(f"sparrow: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

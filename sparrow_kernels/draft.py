@@ -72,11 +72,39 @@ class DraftConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DraftConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        """A config read from JSON: every key known, the required ones present, each value of
+        its field's type (ValueError naming the key otherwise)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"DraftConfig: expected a JSON object, got {type(d).__name__}")
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(d) - {f.name for f in fields})
         if unknown:
             raise ValueError(f"DraftConfig: unknown config keys {unknown}")
+        missing = [f.name for f in fields if f.name not in d and f.default is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"DraftConfig: missing config keys {missing}")
+        for f in fields:
+            if f.name in d and not _is_of_type(d[f.name], f.type):
+                expected = {"int": "an int", "float": "a number", "bool": "true or false", "tuple[int, ...]": "a list of ints",
+                            "int | None": "an int or null"}.get(f.type, f.type)
+                raise ValueError(f"DraftConfig: {f.name} must be {expected}, got {type(d[f.name]).__name__} "
+                                 f"{d[f.name]!r}")
         return cls(**d)
+
+
+def _is_of_type(value, annotation: str) -> bool:
+    """JSON value check for DraftConfig's field annotations (bool is no int here)."""
+    if annotation.endswith(" | None"):
+        return value is None or _is_of_type(value, annotation[:-len(" | None")])
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "tuple[int, ...]":
+        return isinstance(value, (list, tuple)) and all(_is_of_type(v, "int") for v in value)
+    raise TypeError(f"DraftConfig: no JSON check for the annotation {annotation!r}")
 
 
 @dataclass
@@ -572,10 +600,25 @@ class SparrowDraft(nn.Module):
                 raise FileNotFoundError(f"SparrowDraft.load: {p} does not exist (expected a draft "
                                         f"directory with {CONFIG_NAME} and {WEIGHTS_NAME})")
         with open(config_path) as f:
-            payload = json.load(f)
+            try:
+                payload = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"SparrowDraft.load: {config_path} is not JSON ({err})") from err
+        if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
+            raise ValueError(f"SparrowDraft.load: {config_path} has no 'config' object, so {path} is not a "
+                             f"Sparrow draft directory (a target checkpoint? drafts are written by train-draft)")
         draft = cls.from_target(DraftConfig.from_dict(payload["config"]), target)
-        state = load_file(weights_path, device=str(draft.device))
-        draft.load_state_dict(state, strict=True)
+        try:
+            state = load_file(weights_path, device=str(draft.device))
+        except Exception as err:  # noqa: BLE001 (safetensors raises its own error type or OSError)
+            raise ValueError(f"SparrowDraft.load: {weights_path} is not a readable safetensors file "
+                             f"({type(err).__name__}: {err})") from err
+        try:
+            draft.load_state_dict(state, strict=True)
+        except RuntimeError as err:  # missing / unexpected keys, size mismatches
+            detail = " ".join(str(err).split())
+            raise ValueError(f"SparrowDraft.load: the weights in {weights_path} do not fit its config "
+                             f"({detail})") from err
         draft.training_info = payload.get("training", {})
         return draft
 

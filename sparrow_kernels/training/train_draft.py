@@ -210,7 +210,7 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparrow train-draft", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="sparrow train-draft", description=" ".join(__doc__.split()).split(". ")[0] + ".",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--target", default="tiny", help="'tiny' (committed tiny VLM) or a target directory")
     p.add_argument("--out", required=True, help="output directory (draft, trainer state, logs)")
