@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +34,9 @@ from ..targets.tinyvlm import TinyVLM, TinyVLMConfig, TinyVLMTarget
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sparrow train-target", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="sparrow train-target", description=__doc__.split("\n")[0],
+                                epilog="--target-kind qwen2_5_vl trains a stock Qwen2.5-VL on the narrated world "
+                                       "instead (options: sparrow train-target --target-kind qwen2_5_vl --help)")
     p.add_argument("--out", default="runs/tinyvlm", help="run directory (checkpoints, log)")
     p.add_argument("--steps", type=int, default=6000, help="optimizer steps (sets the cosine schedule)")
     p.add_argument("--max-minutes", type=float, default=0, help="stop early after this wall time (0: no limit)")
@@ -220,6 +223,21 @@ def lr_at(step: int, args, minutes: float = 0.0) -> float:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for k, arg in enumerate(argv):
+        kind = argv[k + 1] if arg == "--target-kind" and k + 1 < len(argv) else \
+            arg.split("=", 1)[1] if arg.startswith("--target-kind=") else None
+        if kind is None:
+            continue
+        rest = argv[:k] + argv[k + (1 if "=" in arg else 2):]
+        if kind == "qwen2_5_vl":
+            from .train_qwen import main as train_qwen_main
+
+            return train_qwen_main(rest)
+        if kind == "tinyvlm":
+            argv = rest
+            break
+        raise SystemExit(f"--target-kind must be tinyvlm or qwen2_5_vl, got {kind!r}")
     args = parse_args(argv)
     set_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -1,0 +1,412 @@
+"""`sparrow train-target --target-kind qwen2_5_vl`: train a stock `Qwen2_5_VLForConditionalGeneration`
+from scratch on the narrated world (data/world.py, data/narration.py) through the unmodified HF
+forward, with the world's BPE tokenizer and a Qwen chat template. Batches are stateless functions of
+(run seed, step), so a resumed run sees the batches it would have seen; videos use time-aligned
+M-RoPE (`second_per_grid_ts` = 2 / fps), so any frame count of a clip spans the same temporal
+positions. Keeps OUT/last (resume), OUT/best (validation narration facts) and exports a standard
+HF model directory. It must not patch modeling code, touch the committed checkpoint unless asked
+(`--export`), or download anything.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data.narration import (NARRATION_PROMPTS, QUESTION_KINDS, SUMMARY_PROMPTS, fact_fraction,
+                              make_question, narration, score_narration, summary)
+from ..data.world import World, heldout_world_seed
+from .train_target import WeightAverage, lr_at, set_threads
+
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja", "processor_config.json", "preprocessor_config.json",
+            "video_preprocessor_config.json", "special_tokens_map.json")
+EVAL_PROMPT = NARRATION_PROMPTS[0]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sparrow train-target --target-kind qwen2_5_vl",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/qwen_world", help="run directory (last/, best/, tokenizer/, log)")
+    p.add_argument("--steps", type=int, default=20000, help="optimizer steps (sets the cosine schedule)")
+    p.add_argument("--max-minutes", type=float, default=0, help="stop after this wall time (0: no limit)")
+    p.add_argument("--lr-by-time", action="store_true",
+                   help="with --max-minutes: the cosine schedule also follows wall time")
+    p.add_argument("--batch-tokens", type=int, default=2400, help="approximate tokens (text + visual) per batch")
+    p.add_argument("--frame-sizes", default="84,112", help="frame sizes (pixels, multiples of 28) drawn per batch")
+    p.add_argument("--min-frames", type=int, default=8)
+    p.add_argument("--max-frames", type=int, default=48)
+    p.add_argument("--max-visual-tokens", type=int, default=384, help="fewer frames when a batch would exceed it")
+    p.add_argument("--narration-prob", type=float, default=0.8, help="chance a training chat includes a narration")
+    p.add_argument("--summary-prob", type=float, default=0.3)
+    p.add_argument("--qa-min", type=int, default=1)
+    p.add_argument("--qa-max", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate-size", type=int, default=768)
+    p.add_argument("--rope-theta", type=float, default=100.0,
+                   help="small, so the height/width M-RoPE sections of a small head still turn per position")
+    p.add_argument("--vision-depth", type=int, default=2)
+    p.add_argument("--vision-hidden-size", type=int, default=96)
+    p.add_argument("--vision-heads", type=int, default=3)
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (built when OUT/tokenizer is missing)")
+    p.add_argument("--tokenizer-worlds", type=int, default=3000, help="worlds whose text trains the BPE")
+    p.add_argument("--tokenizer", default=None, help="use this tokenizer/processor directory instead of building one")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--eval-minutes", type=float, default=20.0)
+    p.add_argument("--eval-videos", type=int, default=6)
+    p.add_argument("--eval-first-video", type=int, default=5000,
+                   help="first held-out index of the validation videos (test videos start at 0)")
+    p.add_argument("--eval-visual-tokens", default="512,1536", help="visual-token budgets of the validation eval")
+    p.add_argument("--eval-max-new-tokens", type=int, default=480)
+    p.add_argument("--ema", type=float, default=0.0, help="decay of a weight average used by evals and saves (0: off)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: auto)")
+    p.add_argument("--init", default=None, help="start from the weights of this HF model directory")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last if it exists")
+    p.add_argument("--export", default=None, help="copy the final model directory here")
+    p.add_argument("--export-which", choices=("best", "last"), default="best")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_config(args, tokenizer):
+    """A stock `Qwen2_5_VLConfig` for this CPU; special ids come from the tokenizer."""
+    from transformers import Qwen2_5_VLConfig  # noqa: PLC0415
+
+    head_dim = args.hidden_size // args.heads
+    if head_dim % 2 or args.hidden_size % args.heads:
+        raise ValueError(f"--hidden-size / --heads must be an even integer, got {args.hidden_size}/{args.heads}")
+    half = head_dim // 2
+    mrope_section = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]   # 32 -> [6, 5, 5]
+    ids = tokenizer.convert_tokens_to_ids
+    text_config = dict(
+        vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta, "mrope_section": mrope_section},
+        eos_token_id=ids("<|im_end|>"), bos_token_id=None, pad_token_id=ids("<|endoftext|>"),
+        tie_word_embeddings=True)
+    vision_config = dict(
+        depth=args.vision_depth, hidden_size=args.vision_hidden_size, intermediate_size=2 * args.vision_hidden_size,
+        num_heads=args.vision_heads, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        out_hidden_size=args.hidden_size, window_size=112, fullatt_block_indexes=[args.vision_depth - 1],
+        tokens_per_second=2)
+    config = Qwen2_5_VLConfig(
+        text_config=text_config, vision_config=vision_config, video_token_id=ids("<|video_pad|>"),
+        image_token_id=ids("<|image_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"), eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"), tie_word_embeddings=True)
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    return config
+
+
+# ----------------------------------------------------------------------------- data
+
+def video_inputs(world: World, num_frames: int, size: int) -> dict:
+    """(`pixel_values_videos [t*h*w, 1176]`, `video_grid_thw [1, 3]`, `second_per_grid_ts [1]`) of the
+    world rendered at `num_frames` x `size`^2, normalized as Qwen's video processor does."""
+    from ..targets.hf_qwen import CLIP_MEAN, CLIP_STD, qwen_video_patches  # noqa: PLC0415
+
+    frames = torch.from_numpy(world.render(num_frames, size)).permute(0, 3, 1, 2).float() / 255.0   # [T, 3, H, W]
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    patches, grid_thw = qwen_video_patches((frames - mean) / std, 2, 14, 2)
+    seconds = torch.tensor([2.0 / world.fps(num_frames)], dtype=torch.float32)
+    return {"pixel_values_videos": patches, "video_grid_thw": grid_thw, "second_per_grid_ts": seconds}
+
+
+def frames_for_tokens(visual_tokens: int, size: int) -> int:
+    """Even frame count whose video has about `visual_tokens` tokens at `size`^2 pixels."""
+    per_grid = (size // 28) ** 2
+    return max(2, 2 * round(visual_tokens / per_grid))
+
+
+def chat_ids(tokenizer, turns: list[tuple[str, str | None]], video_tokens: int) -> tuple[list[int], list[int]]:
+    """Token ids of a chat (the video in the first user turn) and a mask of the supervised ids
+    (each assistant answer and its <|im_end|>). A last turn with answer None ends with the
+    generation prompt. Equal to the chat template's text tokenized whole (tested)."""
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)   # noqa: E731
+    video = "<|vision_start|>" + "<|video_pad|>" * video_tokens + "<|vision_end|>"
+    ids: list[int] = []
+    mask: list[int] = []
+    for k, (question, answer) in enumerate(turns):
+        head = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" if k == 0 else "")
+        user = head + "<|im_start|>user\n" + (video if k == 0 else "") + question + "<|im_end|>\n<|im_start|>assistant\n"
+        u = enc(user)
+        ids += u
+        mask += [0] * len(u)
+        if answer is None:
+            break
+        a = enc(answer + "<|im_end|>")
+        ids += a
+        mask += [1] * len(a)
+        nl = enc("\n")
+        ids += nl
+        mask += [0] * len(nl)
+    return ids, mask
+
+
+def make_turns(world: World, rng: random.Random, args) -> list[tuple[str, str]]:
+    turns = []
+    for _ in range(rng.randint(args.qa_min, args.qa_max)):
+        qa = make_question(world, rng.choice(QUESTION_KINDS), rng)
+        if qa is not None:
+            turns.append((qa.question, qa.answer))
+    if rng.random() < args.summary_prob:
+        turns.insert(rng.randint(0, len(turns)), (rng.choice(SUMMARY_PROMPTS), summary(world, rng)))
+    if rng.random() < args.narration_prob or not turns:
+        at = 0 if rng.random() < 0.6 else rng.randint(0, len(turns))
+        turns.insert(at, (rng.choice(NARRATION_PROMPTS), narration(world, rng)))
+    return turns
+
+
+def make_batch(run_seed: int, step: int, args, tokenizer) -> dict:
+    """The batch of `step` (a pure function of run seed and step): one frame size and count for
+    all its videos, as many chats as fit `batch_tokens`. Returns stock forward kwargs + labels."""
+    rng = random.Random(run_seed * 1_000_003 + step)
+    sizes = [int(s) for s in str(args.frame_sizes).split(",")]
+    size = rng.choice(sizes)
+    per_grid = (size // 28) ** 2
+    num_frames = 2 * rng.randint(args.min_frames // 2, args.max_frames // 2)
+    num_frames = min(num_frames, 2 * max(1, args.max_visual_tokens // per_grid))
+    video_tokens = num_frames // 2 * per_grid
+    rows, videos = [], []
+    used = 0
+    while True:
+        world = World(rng.randrange(10**9))
+        ids, mask = chat_ids(tokenizer, make_turns(world, rng, args), video_tokens)
+        if rows and used + len(ids) > args.batch_tokens:
+            break
+        rows.append((ids, mask))
+        videos.append(video_inputs(world, num_frames, size))
+        used += len(ids)
+        if len(rows) >= 16:
+            break
+    length = max(len(r[0]) for r in rows)
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    attention = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, (ids, mask) in enumerate(rows):
+        t = torch.tensor(ids)
+        input_ids[b, :len(ids)] = t
+        labels[b, :len(ids)] = torch.where(torch.tensor(mask, dtype=torch.bool), t, torch.tensor(-100))
+        attention[b, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+            "mm_token_type_ids": (input_ids == video_id).long() * 2,
+            "pixel_values_videos": torch.cat([v["pixel_values_videos"] for v in videos]),
+            "video_grid_thw": torch.cat([v["video_grid_thw"] for v in videos]),
+            "second_per_grid_ts": torch.cat([v["second_per_grid_ts"] for v in videos])}
+
+
+# ----------------------------------------------------------------------------- eval
+
+@torch.no_grad()
+def generate_answer(model, tokenizer, world: World, question: str, visual_tokens: int, size: int = 112,
+                    max_new_tokens: int = 480) -> str:
+    """Greedy answer of the stock model to one question about `world` at ~`visual_tokens` tokens."""
+    num_frames = frames_for_tokens(visual_tokens, size)
+    video = video_inputs(world, num_frames, size)
+    tokens = int(video["video_grid_thw"].prod()) // 4
+    ids, _ = chat_ids(tokenizer, [(question, None)], tokens)
+    input_ids = torch.tensor([ids])
+    video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                         mm_token_type_ids=(input_ids == video_id).long() * 2, **video,
+                         max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def narration_accuracy(model, tokenizer, visual_tokens: int, num_videos: int, first_index: int,
+                       max_new_tokens: int = 480) -> tuple[float, dict]:
+    """Fraction of narration facts stated correctly on held-out videos, and the per-kind sums."""
+    was_training = model.training
+    model.eval()
+    per_kind: dict[str, list[int]] = {}
+    for i in range(first_index, first_index + num_videos):
+        world = World(heldout_world_seed(i))
+        text = generate_answer(model, tokenizer, world, EVAL_PROMPT, visual_tokens, max_new_tokens=max_new_tokens)
+        for kind, (found, total) in score_narration(world, text).items():
+            acc = per_kind.setdefault(kind, [0, 0])
+            acc[0] += found
+            acc[1] += total
+    model.train(was_training)
+    return fact_fraction({k: tuple(v) for k, v in per_kind.items()}), per_kind
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_model_dir(directory: Path, model, tokenizer_dir: Path, optimizer=None, step: int = 0,
+                   extra: dict | None = None) -> None:
+    """An HF model directory (config, generation config, safetensors, tokenizer + processor files),
+    plus train_state.pt with the optimizer when given. Written beside and renamed (atomic-ish)."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / "train_state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+
+
+def export_model_dir(src: Path, dst: Path) -> None:
+    """Copy the inference files of an HF model directory (no optimizer state)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in HF_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def load_tokenizer_dir(args, out: Path) -> Path:
+    if args.tokenizer:
+        return Path(args.tokenizer)
+    directory = out / "tokenizer"
+    if not (directory / "tokenizer.json").is_file():
+        from ..data.qwen_tokenizer import build_tokenizer_dir  # noqa: PLC0415
+
+        print(f"training the BPE tokenizer ({args.vocab_size} ids) on {args.tokenizer_worlds} worlds", flush=True)
+        build_tokenizer_dir(directory, num_worlds=args.tokenizer_worlds, vocab_size=args.vocab_size,
+                            with_english=args.vocab_size > 1024)
+    return directory
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration  # noqa: PLC0415
+    from transformers import GenerationConfig  # noqa: PLC0415
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = load_tokenizer_dir(args, out)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    last, best_dir = out / "last", out / "best"
+    if args.resume and (last / "model.safetensors").is_file():
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(last), dtype=torch.float32,
+                                                                   attn_implementation="sdpa", local_files_only=True)
+    elif args.init:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32,
+                                                                   attn_implementation="sdpa", local_files_only=True)
+        print(f"initialized from {args.init}", flush=True)
+    else:
+        config = build_config(args, tokenizer)
+        config._attn_implementation = "sdpa"
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), do_sample=False, max_new_tokens=512)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    step = 0
+    if args.resume and (last / "train_state.pt").is_file():
+        state = torch.load(last / "train_state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        print(f"resumed from {last} at step {step}", flush=True)
+    average = WeightAverage(model, args.ema) if args.ema > 0 else None
+    if average is not None and args.resume and (last / "ema.safetensors").is_file():
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        average.shadow.update(load_file(str(last / "ema.safetensors")))
+    best_score = -1.0
+    if (best_dir / "meta.json").is_file():
+        best_score = float(json.loads((best_dir / "meta.json").read_text()).get("eval_mean", -1.0))
+    log = open(out / "log.jsonl", "a")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"Qwen2.5-VL: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}; training to step {args.steps}",
+          flush=True)
+    budgets = [int(x) for x in str(args.eval_visual_tokens).split(",") if x]
+
+    t_start = time.time()
+    t_ckpt = t_eval = t_start
+    tokens_seen = 0
+    bar = tqdm(total=args.steps, initial=step, desc="train-target qwen2_5_vl", mininterval=10)
+    model.train()
+    while step < args.steps:
+        batch = make_batch(args.seed, step, args, tokenizer)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args, (time.time() - t_start) / 60)
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if average is not None:
+            average.update(model, step)
+        tokens_seen += int(batch["attention_mask"].sum())
+        elapsed = time.time() - t_start
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+        if step % 20 == 0:
+            log.write(json.dumps({"step": step, "loss": round(loss.item(), 4), "lr": optimizer.param_groups[0]["lr"],
+                                  "grad_norm": round(float(grad_norm), 3), "tokens_per_s": round(tokens_seen / elapsed),
+                                  "minutes": round(elapsed / 60, 2)}) + "\n")
+            log.flush()
+        now = time.time()
+        finished = step >= args.steps or (args.max_minutes > 0 and now - t_start > args.max_minutes * 60)
+        if now - t_ckpt > args.checkpoint_minutes * 60 or finished:
+            save_model_dir(last, model, tokenizer_dir, optimizer, step, {"loss": loss.item()})
+            if average is not None:
+                from safetensors.torch import save_file  # noqa: PLC0415
+
+                save_file({k: v.contiguous() for k, v in average.shadow.items()}, str(last / "ema.safetensors"))
+            t_ckpt = now
+        if args.eval_videos > 0 and (now - t_eval > args.eval_minutes * 60 or finished):
+            with (average.swapped_in(model) if average is not None else contextlib.nullcontext()):
+                acc = {v: narration_accuracy(model, tokenizer, v, args.eval_videos, args.eval_first_video,
+                                             args.eval_max_new_tokens)[0] for v in budgets}
+                mean = float(np.mean(list(acc.values())))
+                improved = mean > best_score
+                if improved:
+                    best_score = mean
+                    save_model_dir(best_dir, model, tokenizer_dir, None, step, {"eval_mean": mean, "ema": args.ema})
+            record = {"step": step, "eval_narration_facts": {str(k): round(v, 4) for k, v in acc.items()},
+                      "eval_mean": round(mean, 4), "best": improved, "minutes": round((time.time() - t_start) / 60, 2)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            tqdm.write(json.dumps(record))
+            t_eval = time.time()
+        if finished:
+            break
+    bar.close()
+    if args.export:
+        source = best_dir if args.export_which == "best" and (best_dir / "model.safetensors").is_file() else last
+        if source == last and average is not None:
+            with average.swapped_in(model):
+                save_model_dir(out / "last_ema", model, tokenizer_dir, None, step, {"ema": args.ema})
+            source = out / "last_ema"
+        export_model_dir(source, Path(args.export))
+        print(f"exported {source} to {args.export}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""Tests of `sparrow train-target --target-kind qwen2_5_vl` (training/train_qwen.py): its inputs equal
+what the stock processor makes, batches are pure functions of (seed, step) with loss on answers
+only, video positions are time-aligned, and a tiny stock Qwen2.5-VL trains, resumes and exports a
+directory that loads offline."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparrow_kernels.data.world import World
+from sparrow_kernels.training import train_qwen
+from sparrow_kernels.training.train_target import main as train_target_main
+
+CHECKPOINT = Path(__file__).resolve().parents[2] / "sparrow_kernels" / "checkpoints" / "qwen2_5_vl_world"
+TINY = ["--tokenizer", str(CHECKPOINT), "--layers", "2", "--hidden-size", "32", "--heads", "2", "--kv-heads", "1",
+        "--intermediate-size", "64", "--vision-hidden-size", "32", "--vision-heads", "1", "--batch-tokens", "900",
+        "--max-frames", "8", "--frame-sizes", "56", "--threads", "1", "--checkpoint-minutes", "0"]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(CHECKPOINT), local_files_only=True)
+
+
+def test_chat_ids_equal_the_chat_template(processor):
+    tok = processor.tokenizer
+    turns = [("Describe the video.", "A red square moves left."), ("How many objects are there?", None)]
+    ids, mask = train_qwen.chat_ids(tok, turns, video_tokens=5)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": turns[0][0]}]},
+                {"role": "assistant", "content": turns[0][1]},
+                {"role": "user", "content": [{"type": "text", "text": turns[1][0]}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = text.replace("<|video_pad|>", "<|video_pad|>" * 5)
+    assert ids == tok.encode(text, add_special_tokens=False)
+    supervised = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert supervised == "A red square moves left.<|im_end|>"
+
+
+def test_video_inputs_equal_the_processor(processor):
+    world = World(9)
+    mine = train_qwen.video_inputs(world, 12, 84)
+    frames = torch.from_numpy(world.render(12, 84)).permute(0, 3, 1, 2)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Hi"}]}], tokenize=False)
+    metadata = {"total_num_frames": 12, "fps": world.fps(12), "frames_indices": list(range(12))}
+    ref = processor(text=[text], videos=[frames], video_metadata=[metadata], return_tensors="pt")
+    assert torch.equal(mine["video_grid_thw"], ref["video_grid_thw"])
+    torch.testing.assert_close(mine["pixel_values_videos"], ref["pixel_values_videos"], atol=1e-5, rtol=0)
+    assert float(mine["second_per_grid_ts"][0]) == pytest.approx(float(ref["second_per_grid_ts"][0]))
+
+
+def test_batches_are_pure_functions_of_seed_and_step(processor):
+    args = train_qwen.parse_args(TINY)
+    a = train_qwen.make_batch(3, 5, args, processor.tokenizer)
+    b = train_qwen.make_batch(3, 5, args, processor.tokenizer)
+    c = train_qwen.make_batch(3, 6, args, processor.tokenizer)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["input_ids"], c["input_ids"]) if a["input_ids"].shape == c["input_ids"].shape else True
+    video_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    per_row = (a["input_ids"] == video_id).sum(1)
+    assert int(per_row.sum()) == int(a["video_grid_thw"].prod(1).sum()) // 4
+    labelled = a["labels"] != -100
+    assert not labelled[a["input_ids"] == video_id].any() and labelled.any()
+    assert (a["labels"][labelled] == a["input_ids"][labelled]).all()
+
+
+def test_video_positions_are_time_aligned():
+    """The same clip at 16 or 512 frames spans the same temporal M-RoPE positions."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(str(CHECKPOINT), local_files_only=True)
+    args = train_qwen.parse_args(TINY)
+    model = Qwen2_5_VLForConditionalGeneration(train_qwen.build_config(args, tok))
+    world = World(2)
+    spans = []
+    for frames in (16, 512):
+        grid = torch.tensor([[frames // 2, 4, 4]])
+        ids, _ = train_qwen.chat_ids(tok, [("Describe the video.", None)], int(grid.prod()) // 4)
+        input_ids = torch.tensor([ids])
+        video = (input_ids == tok.convert_tokens_to_ids("<|video_pad|>"))
+        positions, _ = model.model.get_rope_index(
+            input_ids, mm_token_type_ids=video.long() * 2, video_grid_thw=grid,
+            second_per_grid_ts=torch.tensor([2.0 / world.fps(frames)]))
+        temporal = positions[0, 0][video[0]]
+        spans.append(int(temporal.max() - temporal.min()))
+    tokens_per_second = 2
+    assert spans[1] == pytest.approx(tokens_per_second * world.duration, abs=1)
+    assert abs(spans[0] - spans[1]) <= tokens_per_second * 2 * world.duration / 16 + 1
+
+
+def test_stock_forward_learns_a_batch(processor):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    args = train_qwen.parse_args(TINY)
+    model = Qwen2_5_VLForConditionalGeneration(train_qwen.build_config(args, processor.tokenizer))
+    batch = train_qwen.make_batch(0, 0, args, processor.tokenizer)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        assert model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0   # the vision tower trains too
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_train_resume_export_load(tmp_path):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    out, export = tmp_path / "run", tmp_path / "export"
+    common = TINY + ["--out", str(out), "--eval-videos", "1", "--eval-visual-tokens", "32",
+                     "--eval-max-new-tokens", "8", "--ema", "0.9"]
+    assert train_target_main(["--target-kind", "qwen2_5_vl", *common, "--steps", "2"]) == 0
+    assert json.loads((out / "last" / "meta.json").read_text())["step"] == 2
+    assert train_target_main(["--target-kind=qwen2_5_vl", *common, "--steps", "4", "--resume",
+                              "--export", str(export)]) == 0
+    assert json.loads((out / "last" / "meta.json").read_text())["step"] == 4
+    assert (out / "last" / "ema.safetensors").is_file() and (out / "best" / "model.safetensors").is_file()
+    config = json.loads((export / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    for name in ("model.safetensors", "generation_config.json", "tokenizer.json", "preprocessor_config.json",
+                 "video_preprocessor_config.json"):
+        assert (export / name).is_file(), name
+    assert not (export / "train_state.pt").exists()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(export), local_files_only=True)
+    processor = AutoProcessor.from_pretrained(str(export), local_files_only=True)
+    text = train_qwen.generate_answer(model, processor.tokenizer, World(1), "Describe the video.", 32, size=56,
+                                      max_new_tokens=5)
+    assert isinstance(text, str)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any("eval_narration_facts" in r for r in log)
+
+
+def test_unknown_target_kind_is_refused():
+    with pytest.raises(SystemExit, match="target-kind"):
+        train_target_main(["--target-kind", "llama"])
