@@ -261,7 +261,7 @@ bool has_haswell() {
 
 // AVX-512 CPUs (Skylake-X and later, Zen 4/5): the same 8-lane code, compiled with 32
 // vector registers and broadcasts folded into the FMAs, and 4 rows per V load in the P @ V
-// update (on a Zen 4 VM, 25k keys x 24 rows: -12% from the registers, -5% from the rows).
+// update (measured gains: benchmarks/RESULTS.md, Kernels).
 __attribute__((target("avx2,fma,avx512f,avx512vl"))) void chunk_avx512(const Chunk& c) { chunk_body<4>(c); }
 
 // SPARROW_CPU_ISA=avx2 keeps an AVX-512 CPU on the AVX2 build (A/B timing, debugging).

@@ -172,8 +172,8 @@ def _rms(x: Tensor, eps: float) -> Tensor:
 
 
 def _rms_norm(x: Tensor, norm: nn.RMSNorm) -> Tensor:
-    """nn.RMSNorm's math in a few plain ops (on small CPU inputs the fused kernel costs ~10x
-    more); fp32 statistics."""
+    """nn.RMSNorm's math in a few plain ops (on small CPU inputs the fused kernel costs more:
+    benchmarks/RESULTS.md, Kernels); fp32 statistics."""
     if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
         return _rms(x, norm.eps) * norm.weight
     xf = x.float()
@@ -252,7 +252,7 @@ class SparrowDraft(nn.Module):
     def _fused(self, name: str, *linears: nn.Linear) -> Tensor | None:
         """The row-concatenation of `linears`' weights, stored input-major (`[in, out]`,
         contiguous) for one `x @ W` instead of several linears: on CPU, MKL runs small-M
-        products ~1.5x faster from this layout. None while training."""
+        products faster from this layout (benchmarks/RESULTS.md, Kernels). None while training."""
         return self._inference_weight(
             name, lambda: torch.cat([m.weight.detach() for m in linears], dim=0).t().contiguous(),
             *(m.weight for m in linears))
