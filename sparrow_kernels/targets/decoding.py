@@ -6,6 +6,8 @@ benchmarks and training call it. It must not know drafts, trees or the engine.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -139,10 +141,14 @@ class GenerationRequest:
         if not isinstance(prompts, Sequence) or len(prompts) == 0 or \
                 not all(isinstance(p, VideoPrompt) for p in prompts):
             raise ValueError("prompts must be a non-empty sequence of VideoPrompt")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral):
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {type(self.max_new_tokens).__name__} "
+                             f"{self.max_new_tokens!r}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not isinstance(self.temperature, numbers.Real) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
