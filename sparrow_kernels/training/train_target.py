@@ -16,7 +16,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -31,6 +30,7 @@ from ..data.synthetic import (CAPTION_QUESTION, VideoWorld, heldout_seed, questi
                               score_caption)
 from ..data.tokenizer import WordTokenizer
 from ..targets.tinyvlm import TinyVLM, TinyVLMConfig, TinyVLMTarget
+from ..threads import pick_threads
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -204,13 +204,9 @@ class WeightAverage:
 
 
 def set_threads(requested: int) -> None:
-    """Fixed thread count, or (0) 2 threads on an idle 2-core machine and 1 when it is
-    busy: on a shared CPU a second contended thread makes every matmul slower."""
-    if requested > 0:
-        torch.set_num_threads(requested)
-        return
-    busy = os.getloadavg()[0] > 2.5
-    torch.set_num_threads(1 if busy else min(2, os.cpu_count() or 1))
+    """Fixed thread count, or (0) the load-aware rule the demo and generate use too
+    (sparrow_kernels.threads: 2 threads on an idle 2-core machine, 1 when it is busy)."""
+    pick_threads(requested)
 
 
 def lr_at(step: int, args, minutes: float = 0.0) -> float:
