@@ -143,3 +143,26 @@ def test_train_resume_export_load(tmp_path):
 def test_unknown_target_kind_is_refused():
     with pytest.raises(SystemExit, match="target-kind"):
         train_target_main(["--target-kind", "llama"])
+
+
+def test_world_accuracy_benchmark_runs_on_an_export(tmp_path):
+    """benchmarks/world_accuracy.py scores a (tiny, untrained) exported model and writes JSON."""
+    import importlib.util
+
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(str(CHECKPOINT), local_files_only=True)
+    model = Qwen2_5_VLForConditionalGeneration(train_qwen.build_config(train_qwen.parse_args(TINY), tok))
+    train_qwen.save_model_dir(tmp_path / "model", model, CHECKPOINT)
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "world_accuracy.py"
+    spec = importlib.util.spec_from_file_location("world_accuracy", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "acc.json"
+    assert bench.main(["--target", str(tmp_path / "model"), "--videos", "1", "--visual-tokens", "16,32",
+                       "--frame-size", "56", "--max-new-tokens", "6", "--qa", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"16", "32"}
+    for r in results.values():
+        assert 0.0 <= r["narration_facts"] <= 1.0
+        assert set(r["qa_per_kind"]) <= {"color_at", "count", "order", "direction"}
