@@ -7,7 +7,8 @@ that every greedy output equals autoregressive decoding; writes JSON and two PNG
 It measures; it asserts nothing about speed.
 
     python benchmarks/e2e.py                       # built-in tiny video LM, committed drafts
-    python benchmarks/e2e.py --quick               # one short setting (CI smoke)
+    python benchmarks/e2e.py --quick               # one short setting (CI smoke; output in a temp dir)
+    python benchmarks/e2e.py --replot benchmarks/results/e2e.json   # redraw the plots of a saved run
     python benchmarks/e2e.py --target DIR --draft sparrow=DIR --draft visual_kv=DIR2   # HF checkpoints
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,8 +55,15 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads for every method (0: torch's default / OMP_NUM_THREADS)")
     ap.add_argument("--quick", action="store_true", help="one short length, one video, greedy only")
-    ap.add_argument("--out", default=str(HERE / "results"), help="directory for e2e.json and the plots")
-    return ap.parse_args(argv)
+    ap.add_argument("--out", default=None,
+                    help="directory for e2e.json and the plots (default benchmarks/results; --quick: a new temp dir)")
+    ap.add_argument("--replot", default=None, metavar="E2E_JSON",
+                    help="only redraw the plots of a saved e2e.json (into --out, default its directory)")
+    args = ap.parse_args(argv)
+    if args.out is None and args.replot is None:
+        # a smoke run must not leave files in the source tree
+        args.out = tempfile.mkdtemp(prefix="sparrow-e2e-quick-") if args.quick else str(HERE / "results")
+    return args
 
 
 def tree_settings(args, device):
@@ -207,27 +216,83 @@ def aggregate(per_video):
     return out
 
 
-def plot(results, lengths, out_dir):
+# one colour per method in every plot (autoregressive is the baseline at 1x)
+METHOD_COLORS = {"autoregressive": "0.45", "visual_kv": "tab:red", "sparrow": "tab:purple", "vata_mtp": "tab:blue",
+                 "vata_mtp" + PYTHON_SUFFIX: "tab:cyan", "none": "tab:brown", "vata": "tab:green", "mtp": "tab:orange",
+                 "mtp_ivsb": "tab:pink"}
+PLOTS = (("decode_speedup", "decoding speedup vs autoregressive (x)", "speedup"),
+         ("tau", "tau (tokens per verification step)", "tau"))
+
+
+def method_colors(methods) -> dict:
+    """METHOD_COLORS, then the tab10 colours not taken, in order, for methods it does not name."""
+    spare = [c for c in (f"tab:{n}" for n in ("olive", "gray", "green", "orange", "brown", "pink", "cyan"))
+             if c not in METHOD_COLORS.values()] + [f"C{i}" for i in range(10)]
+    colors, extra = {}, iter(spare)
+    for m in methods:
+        colors[m] = METHOD_COLORS.get(m) or next(extra)
+    return colors
+
+
+def plot_title(meta, temp) -> str:
+    """What ran where: target, temperature, device (CPU with its thread count, or the GPU)."""
+    target = meta.get("target", "tiny")
+    name = "tiny video LM" if target == "tiny" else Path(str(target)).name
+    if str(meta.get("device", "cpu")).startswith("cuda"):
+        where = f"GPU {meta.get('gpu', '')}".strip()
+    else:
+        threads = meta.get("threads")
+        where = f"CPU ({meta.get('cpu', '?')}), {threads} thread{'s' if threads != 1 else ''}"
+    return f"{name}, T={float(temp):g}, {where}"
+
+
+def draw(results, lengths, meta, temp, key, ylabel):
+    """One figure: `key` per method against the visual tokens; the legend sits outside the axes
+    (right), so it never covers a point. Returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for temp, res in results.items():
-        for key, ylabel, fname in (("decode_speedup", "decoding speedup vs autoregressive (x)", "speedup"),
-                                   ("tau", "tau (tokens per verification step)", "tau")):
-            fig, ax = plt.subplots(figsize=(6, 4))
-            methods = [m for m in res[str(lengths[0])] if m != "autoregressive" or key == "decode_speedup"]
-            for m in methods:
-                ax.plot(lengths, [res[str(L)][m][key] for L in lengths], marker="o", label=m)
-            ax.set_xscale("log")
-            ax.set_xlabel("visual tokens")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"tiny video LM, T={temp}")
-            ax.grid(True, alpha=0.3)
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(out_dir / f"e2e_{fname}_T{temp}.png", dpi=120)
+    res = results[str(temp)] if str(temp) in results else results[temp]
+    all_methods = list(dict.fromkeys(m for per_len in results.values() for row in per_len.values() for m in row))
+    colors = method_colors(all_methods)
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for m in all_methods:
+        if m not in res[str(lengths[0])] or (m == "autoregressive" and key != "decode_speedup"):
+            continue
+        python_path = m.endswith(PYTHON_SUFFIX)   # dashed, hollow: it often lies on the compiled path's line
+        ax.plot(lengths, [res[str(L)][m][key] for L in lengths], marker="o", label=m, color=colors[m],
+                linestyle="--" if python_path else "-", markerfacecolor="none" if python_path else colors[m])
+    ax.set_xscale("log")
+    ax.set_xlabel("visual tokens")
+    ax.set_ylabel(ylabel)
+    ax.set_title(plot_title(meta, temp), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot(results, lengths, out_dir, meta) -> list[Path]:
+    """The speedup and tau plots per temperature, as PNG files in `out_dir`."""
+    import matplotlib.pyplot as plt
+
+    written = []
+    for temp in results:
+        for key, ylabel, fname in PLOTS:
+            fig = draw(results, lengths, meta, temp, key, ylabel)
+            path = Path(out_dir) / f"e2e_{fname}_T{temp}.png"
+            fig.savefig(path, dpi=120)
             plt.close(fig)
+            written.append(path)
+    return written
+
+
+def replot(json_path, out_dir=None) -> list[Path]:
+    """Redraw the plots of a saved run (`e2e.json`) without measuring anything."""
+    data = json.loads(Path(json_path).read_text())
+    lengths = sorted({int(L) for per_len in data["results"].values() for L in per_len})
+    return plot(data["results"], lengths, Path(out_dir) if out_dir else Path(json_path).parent, data["meta"])
 
 
 def markdown(meta, results, ablation) -> str:
@@ -269,6 +334,10 @@ def save(args, meta, results, ablation) -> Path:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        for path in replot(args.replot, args.out):
+            print(f"e2e: wrote {path}")
+        return 0
     from sparrow_kernels.targets import load_target
 
     if args.threads > 0:
@@ -289,7 +358,8 @@ def main(argv=None):
 
         name = DEFAULT_DRAFT if DEFAULT_DRAFT in main_drafts else next(iter(main_drafts))
         main_drafts[name + PYTHON_SUFFIX] = main_drafts[name]
-    meta = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
+    meta = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(), "target": args.target,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
             "tree": tree.as_dict(), "max_new_tokens": args.max_new_tokens, "videos": videos, "repeats": args.repeats,
             "prefill": "once per video, shared by every method and round", "argv": sys.argv}
@@ -325,7 +395,7 @@ def main(argv=None):
         print("ablation (tau, greedy): " + json.dumps(ablation))
     out_dir = save(args, meta, results, ablation)
     if not args.quick:
-        plot(results, lengths, out_dir)
+        plot(results, lengths, out_dir, meta)
     bad = [(t, L, m) for t, rt in results.items() for L, rl in rt.items() for m, r in rl.items()
            if float(t) == 0 and not r["all_same_as_ar"]]
     if bad:
