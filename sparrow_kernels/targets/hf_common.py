@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 from sparrow_kernels import ops
 from sparrow_kernels.targets.base import PrefillOutput, TargetState, TreeOutput, VideoPrompt
@@ -39,14 +40,63 @@ def cache_kwarg_name(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def new_dynamic_cache(layer_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):
-    """A transformers `DynamicCache` of plain (non-sliding) layers, optionally pre-filled with
-    `(keys, values)` per layer, each `[B, Hkv, S, D]`."""
-    from transformers import DynamicCache  # noqa: PLC0415 (keeps base imports light)
+def slot_headroom(slots: int) -> int:
+    """Free slots a `SlotLayer` keeps past `slots` when it (re)allocates: a quarter, at least 256."""
+    return max(256, slots // 4)
+
+
+class SlotLayer(DynamicLayer):
+    """A transformers `DynamicLayer` whose `keys` / `values` are views of the first S slots of
+    `[B, Hkv, capacity, D]` buffers. `update` writes the new slots in place, where the stock layer
+    concatenates (copies) the whole cache on every forward; a full buffer grows by
+    `slot_headroom`. Truncating is re-slicing `keys` / `values` (the next update writes after
+    them), and `kv_compact` runs on the contiguous buffers."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.key_buffer = self.value_buffer = None
+        self._allocate(keys, values, max(capacity, keys.shape[-2]))
+
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        batch, heads, slots, head_dim = keys.shape
+        key_buffer = keys.new_empty(batch, heads, capacity, head_dim)  # [B, Hkv, capacity, D]
+        value_buffer = values.new_empty(batch, heads, capacity, values.shape[-1])
+        key_buffer[..., :slots, :] = keys
+        value_buffer[..., :slots, :] = values
+        self.key_buffer, self.value_buffer = key_buffer, value_buffer
+        self.keys, self.values = key_buffer[..., :slots, :], value_buffer[..., :slots, :]
+
+    @property
+    def capacity(self) -> int:
+        return self.key_buffer.shape[-2]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        if end > self.capacity:
+            self._allocate(self.keys, self.values, end + slot_headroom(end))
+        self.key_buffer[..., start:end, :] = key_states
+        self.value_buffer[..., start:end, :] = value_states
+        self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
+        return self.keys, self.values
+
+
+def new_dynamic_cache(layer_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                      capacity: int | None = None):
+    """A transformers `DynamicCache` of plain (non-sliding) layers; pre-filled with `(keys,
+    values)` per layer, each `[B, Hkv, S, D]`, its layers are `SlotLayer`s of `capacity` slots
+    (default: S + `slot_headroom(S)`)."""
+    from transformers import DynamicCache  # noqa: PLC0415
 
     if layer_kv is None:
         return DynamicCache()
-    return DynamicCache(ddp_cache_data=[(k, v) for k, v in layer_kv])
+    layer_kv = list(layer_kv)
+    cache = DynamicCache(ddp_cache_data=layer_kv)
+    for index, (keys, values) in enumerate(layer_kv):
+        slots = keys.shape[-2]
+        cache.layers[index] = SlotLayer(keys, values, capacity or slots + slot_headroom(slots))
+    return cache
 
 
 def cache_layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -62,9 +112,10 @@ def truncate_cache(cache, slot_count: int) -> None:
             layer.values = layer.values[..., :slot_count, :]
 
 
-def merge_row_caches(row_caches: Sequence, row_lengths: Sequence[int]):
-    """One batched cache from B single-row caches of different lengths: right-padded with
-    zeros to the longest row (the padded slots are masked out by every later forward)."""
+def merge_row_caches(row_caches: Sequence, row_lengths: Sequence[int], capacity: int | None = None):
+    """One batched cache of `SlotLayer`s (`capacity` slots) from B single-row caches of different
+    lengths: right-padded with zeros to the longest row (the padded slots are masked out by every
+    later forward)."""
     slot_count = max(row_lengths)
     merged = []
     for layer_idx in range(len(row_caches[0].layers)):
@@ -75,7 +126,7 @@ def merge_row_caches(row_caches: Sequence, row_lengths: Sequence[int]):
             keys.append(nn.functional.pad(k, (0, 0, 0, pad)))
             values.append(nn.functional.pad(v, (0, 0, 0, pad)))
         merged.append((torch.cat(keys, 0), torch.cat(values, 0)))  # [B, Hkv, slot_count, D]
-    return new_dynamic_cache(merged)
+    return new_dynamic_cache(merged, capacity)
 
 
 def compact_cache(cache, lengths: torch.Tensor, tree_start: int, accept_index: torch.Tensor,
@@ -89,17 +140,19 @@ def compact_cache(cache, lengths: torch.Tensor, tree_start: int, accept_index: t
     indices shifted by `tree_start - lengths[b]`. Each layer's keys and values tensor
     `[B, H, S, D]` is passed to the op as a `[1, B, H, S, D]` view (in place, no copy):
     stacking all layers into one `[2L, B, H, S, D]` tensor would copy the whole cache every
-    step, while the per-layer calls move only the accepted entries. Returns the new slot count
-    (the longest row) after truncating the dropped tree slots.
+    step, while the per-layer calls move only the accepted entries (on a `SlotLayer`, its
+    contiguous buffers). Returns the new slot count (the longest row) after truncating the
+    dropped tree slots.
     """
     shift = (tree_start - lengths).unsqueeze(1)  # [B, 1]
     src_index = torch.where(accept_index >= 0, accept_index + shift, accept_index)  # [B, A]
     new_slot_count = int((lengths + accept_len).max())
     for layer in cache.layers:
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name)
-            if not tensor.is_contiguous():
-                tensor = tensor.contiguous()
+        for name, buffer_name in (("keys", "key_buffer"), ("values", "value_buffer")):
+            tensor = getattr(layer, buffer_name, None)
+            if tensor is None:  # a stock layer: its own tensor (copied if it is a view)
+                tensor = getattr(layer, name)
+                tensor = tensor if tensor.is_contiguous() else tensor.contiguous()
             ops.kv_compact(tensor.unsqueeze(0), lengths, src_index, accept_len)  # [1, B, H, S, D]
             setattr(layer, name, tensor[..., :new_slot_count, :])
     return new_slot_count
@@ -391,7 +444,8 @@ class HFVideoTarget:
             # generate() continues each M-RoPE row from the prompt's last position + 1
             first_position[:, b] = positions[:, -1] + 1
             caches.append(cache)
-        cache = caches[0] if batch == 1 else merge_row_caches(caches, prompt_lengths)
+        # one right-padded cache of in-place slots: no whole-cache copy per later forward
+        cache = merge_row_caches(caches, prompt_lengths, min(int(capacity), longest + slot_headroom(longest)))
         lengths = torch.tensor(prompt_lengths, dtype=torch.long, device=device)
         state = HFTargetState(lengths=lengths.clone(), capacity=int(capacity), cache=cache,
                               first_position=first_position, prompt_lengths=lengths.clone(),
