@@ -22,7 +22,7 @@ from transformers.masking_utils import (
 )
 from transformers.modeling_utils import AttentionInterface
 
-from sparrow_kernels import ops
+from sparrow_kernels import backend, ops
 
 NAME = "sparrow"
 # "auto" routing: the op serves forwards of at most this many queries per row over a longer
@@ -144,15 +144,26 @@ def _implicit_structure(query: torch.Tensor, key: torch.Tensor, causal: bool) ->
 
 def _op_applies(module, query, key, value, dropout: float, kwargs: dict) -> bool:
     """The op computes exactly what SDPA would: no dropout, softcap, position bias or returned
-    weights; a dtype and head size it takes; GQA with whole groups; batch-aligned keys."""
+    weights; a dtype and head size it takes; GQA with whole groups; batch-aligned keys; and a
+    sparrow backend runs on this device (e.g. not on MPS, nor on CUDA with neither the C++ CUDA
+    kernels nor triton)."""
     if (dropout and module.training) or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
         return False
     if kwargs.get("output_attentions", False):
         return False
-    return (query.dtype in OP_DTYPES and key.dtype == query.dtype and value.dtype == query.dtype
-            and query.shape[-1] == key.shape[-1] == value.shape[-1] <= ops.MAX_HEAD_DIM
-            and key.shape[1] > 0 and query.shape[1] % key.shape[1] == 0
-            and query.shape[0] == key.shape[0] and query.shape[2] >= 1)
+    shapes_fit = (query.dtype in OP_DTYPES and key.dtype == query.dtype and value.dtype == query.dtype
+                  and query.shape[-1] == key.shape[-1] == value.shape[-1] <= ops.MAX_HEAD_DIM
+                  and key.shape[1] > 0 and query.shape[1] % key.shape[1] == 0
+                  and query.shape[0] == key.shape[0] and query.shape[2] >= 1)
+    return shapes_fit and _backend_runs_on(query.device)
+
+
+def _backend_runs_on(device: torch.device) -> bool:
+    try:
+        backend.resolve(device)
+    except RuntimeError:  # unavailable there (a bad backend name still raises)
+        return False
+    return True
 
 
 def _wants_op(queries: int, keys: int) -> bool:

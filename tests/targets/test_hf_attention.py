@@ -216,6 +216,10 @@ def test_attention_function_routes():
         hf_attention.sparrow_attention_forward(module, long_q, k, v, window_attn_mask(1, 40, 40))
         dense = sdpa_mask(1, 4, 40, q_offset=36, allow_is_causal_skip=False)        # a dense mask -> SDPA
         hf_attention.sparrow_attention_forward(module, q, k, v, dense)
+        with sparrow_kernels.use_backend("cuda"):                                   # no backend here -> SDPA
+            expected, _ = sdpa_attention_forward(module, q, k, v, structure.dense(40))
+            got, _ = hf_attention.sparrow_attention_forward(module, q, k, v, structure)
+            torch.testing.assert_close(got, expected, **TOL)
         module.train()                                                              # dropout -> SDPA
         hf_attention.sparrow_attention_forward(module, q, k, v, structure, dropout=0.5)
     assert calls == [4]
