@@ -344,7 +344,7 @@ def question_order(world: World, rng: random.Random) -> QA | None:
     x, y = (first, second) if rng.random() < 0.5 else (second, first)
     q = rng.choice((f"Which happens first: {_event_phrase(x, True)} or {_event_phrase(y, True)}?",
                     f"What comes first, {_event_phrase(x, True)} or {_event_phrase(y, True)}?",
-                    f"Does {_event_phrase(x, False)[4:] if False else _event_phrase(x, True)} happen before "
+                    f"Does {_event_phrase(x, True)} happen before "
                     f"{_event_phrase(y, True)}?"))
     a = rng.choice((f"{_cap(_event_phrase(first, True))} comes first, at about {_time(first.time)} seconds; "
                     f"{_event_phrase(second, True)} follows at about {_time(second.time)} seconds.",

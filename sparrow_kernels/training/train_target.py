@@ -233,7 +233,9 @@ def main(argv=None) -> int:
         if kind == "tinyvlm":
             argv = rest
             break
-        raise SystemExit(f"--target-kind must be tinyvlm or qwen2_5_vl, got {kind!r}")
+        print(f"sparrow train-target: error: --target-kind must be tinyvlm or qwen2_5_vl, got {kind!r}",
+              file=sys.stderr)
+        return 2
     args = parse_args(argv)
     set_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -140,9 +140,9 @@ def test_train_resume_export_load(tmp_path):
     assert any("eval_narration_facts" in r for r in log)
 
 
-def test_unknown_target_kind_is_refused():
-    with pytest.raises(SystemExit, match="target-kind"):
-        train_target_main(["--target-kind", "llama"])
+def test_unknown_target_kind_is_refused(capsys):
+    assert train_target_main(["--target-kind", "llama"]) == 2
+    assert "--target-kind must be tinyvlm or qwen2_5_vl, got 'llama'" in capsys.readouterr().err
 
 
 def test_world_accuracy_benchmark_runs_on_an_export(tmp_path):
