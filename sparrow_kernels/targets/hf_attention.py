@@ -54,11 +54,13 @@ class WindowAttnMask:
     """The attention pattern in the op's terms (docs/ops.md, window_attn with no window and no
     anchors): key slot j of row b is visible to query i iff `j < kv_len[b]` and, for the last Tq
     valid slots when `tree_mask` is given, `tree_mask[b, i, j - (kv_len[b] - Tq)]`, else
-    `j <= q_pos[b, i]`. `sdpa_is_causal` says that SDPA may run with no mask and that
-    `is_causal` (None: the mask must be built for SDPA)."""
+    `j <= q_pos[b, i]`. `key_slots` is the Tk it was built for (checked against every layer's
+    keys). `sdpa_is_causal` says that SDPA may run with no mask and that `is_causal` (None: the
+    mask must be built for SDPA)."""
 
     kv_len: torch.Tensor                     # [B] int64
     q_pos: torch.Tensor                      # [B, Tq] int64
+    key_slots: int
     tree_mask: torch.Tensor | None = None    # [B, Tq, Tq] bool
     sdpa_is_causal: bool | None = None
     _dense: dict = field(default_factory=dict, repr=False)
@@ -88,7 +90,7 @@ def tree_mask_structure(lengths: torch.Tensor, slot_count: int, tree_mask: torch
     batch, nodes = tree_mask.shape[:2]
     kv_len = torch.full((batch,), slot_count + nodes, dtype=torch.long, device=lengths.device)
     q_pos = (lengths - 1)[:, None].expand(batch, nodes).contiguous()  # [B, N]
-    return WindowAttnMask(kv_len=kv_len, q_pos=q_pos, tree_mask=tree_mask.contiguous())
+    return WindowAttnMask(kv_len=kv_len, q_pos=q_pos, key_slots=slot_count + nodes, tree_mask=tree_mask.contiguous())
 
 
 # ----------------------------------------------------------------------------- mask function
@@ -124,7 +126,7 @@ def window_attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
             else:
                 q_pos = torch.full((batch_size, q_length), kv_length - 1, dtype=torch.long, device=device)
                 skip = None if padded else False
-            return WindowAttnMask(kv_len=kv_len, q_pos=q_pos.contiguous(), sdpa_is_causal=skip)
+            return WindowAttnMask(kv_len=kv_len, q_pos=q_pos.contiguous(), key_slots=kv_length, sdpa_is_causal=skip)
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, device=device,
                      **kwargs)
@@ -139,7 +141,7 @@ def _implicit_structure(query: torch.Tensor, key: torch.Tensor, causal: bool) ->
         q_pos = torch.arange(queries, device=query.device)[None].expand(batch, -1).contiguous()
     else:
         q_pos = torch.full((batch, queries), keys - 1, dtype=torch.long, device=query.device)
-    return WindowAttnMask(kv_len=kv_len, q_pos=q_pos, sdpa_is_causal=causal)
+    return WindowAttnMask(kv_len=kv_len, q_pos=q_pos, key_slots=keys, sdpa_is_causal=causal)
 
 
 def _op_applies(module, query, key, value, dropout: float, kwargs: dict) -> bool:
@@ -187,6 +189,10 @@ def sparrow_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         attention_mask = _implicit_structure(query, key, bool(causal) and query.shape[2] > 1)
     queries, keys = query.shape[2], key.shape[2]
+    if attention_mask.key_slots != keys or tuple(attention_mask.q_pos.shape) != (query.shape[0], queries):
+        raise ValueError(f"sparrow attention: the WindowAttnMask was built for {attention_mask.key_slots} key slots "
+                         f"and q_pos {list(attention_mask.q_pos.shape)}, but this layer has {keys} key slots and "
+                         f"[B, Tq] = [{query.shape[0]}, {queries}] queries")
     if _wants_op(queries, keys) and _op_applies(module, query, key, value, dropout, kwargs):
         out, _ = ops.window_attn(query, key, value, attention_mask.kv_len, attention_mask.q_pos, 0, 0,
                                  attention_mask.tree_mask, 0.0 if scaling is None else float(scaling))

@@ -166,12 +166,13 @@ def _structures(batch: int, queries: int, keys: int, gen: torch.Generator) -> di
     kv_len = torch.tensor([keys - 3, keys])[:batch]
     tree = torch.stack([ancestor_mask(random_parents(queries, gen)) for _ in range(batch)])
     return {
-        "causal-cached": WindowAttnMask(kv_len=torch.full((batch,), keys),
+        "causal-cached": WindowAttnMask(kv_len=torch.full((batch,), keys), key_slots=keys,
                                         q_pos=(torch.arange(queries) + keys - queries)[None].repeat(batch, 1)),
-        "right-padded": WindowAttnMask(kv_len=kv_len, q_pos=(torch.arange(queries) + keys - queries)[None].repeat(
-            batch, 1)),
+        "right-padded": WindowAttnMask(kv_len=kv_len, key_slots=keys,
+                                       q_pos=(torch.arange(queries) + keys - queries)[None].repeat(batch, 1)),
         "tree": tree_mask_structure(kv_len - queries, keys - queries, tree),
-        "bidirectional-padded": WindowAttnMask(kv_len=kv_len, q_pos=torch.full((batch, queries), keys - 1)),
+        "bidirectional-padded": WindowAttnMask(kv_len=kv_len, key_slots=keys,
+                                               q_pos=torch.full((batch, queries), keys - 1)),
     }
 
 
@@ -223,6 +224,8 @@ def test_attention_function_routes():
         module.train()                                                              # dropout -> SDPA
         hf_attention.sparrow_attention_forward(module, q, k, v, structure, dropout=0.5)
     assert calls == [4]
+    with pytest.raises(ValueError, match="built for 40 key slots .* this layer has 39 key slots"):
+        hf_attention.sparrow_attention_forward(module, q, k[:, :, 1:], v[:, :, 1:], structure)
     with pytest.raises(ValueError, match="route must be one of"):
         with attention_route("flash"):
             pass
