@@ -489,12 +489,18 @@ def score_narration(world: World, text: str) -> dict[str, tuple[int, int]]:
         if kind in ("count", "order"):
             continue
         want = Counter(truth[kind])
-        got = Counter((c.obj, c.value if kind != "objects" else None) for c in claims if c.kind == kind)
-        if kind in ("direction", "speed", "objects"):
-            got = Counter({k: min(v, max(want[k], 1)) for k, v in got.items()}) if kind == "objects" else got
+        if kind == "objects":
+            # each true object mentioned once counts; each distinct name of no object is one false fact
+            mentioned = {c.obj for c in claims if c.kind == kind and c.obj is not None}
+            unknown = {c.value for c in claims if c.kind == kind and c.obj is None}
+            scores[kind] = (len(mentioned), sum(want.values()) + len(unknown))
+            continue
+        got = Counter((c.obj, c.value) for c in claims if c.kind == kind)
         found = sum(min(want[k], got[k]) for k in want)
-        false = sum(max(0, got[k] - want[k]) for k in got) if kind not in ("direction", "speed") else \
-            sum(got[k] for k in got if k not in want)
+        if kind in ("direction", "speed"):     # states: restating a true one is not false
+            false = sum(got[k] for k in got if k not in want)
+        else:                                  # events: more than happened is false
+            false = sum(max(0, got[k] - want[k]) for k in got)
         scores[kind] = (found, sum(want.values()) + false)
     # counts: the first number before "object"/"shape" in the text, and one in a sentence about the end
     found = 0

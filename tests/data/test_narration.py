@@ -72,6 +72,15 @@ def test_wrong_narrations_lose_facts():
             assert total == len([e for e in w.events if e.kind == "disappear"]) + 1
 
 
+def test_each_invented_object_is_a_false_fact():
+    w = World(4)
+    names = {n for o in w.objects for n in o.names}
+    invented = [f"{c} {s}" for c in COLORS for s in ("square", "circle", "triangle") if f"{c} {s}" not in names][:3]
+    text = narration(w, random.Random(0)) + " " + " ".join(f"There is a {n} in the middle." for n in invented)
+    found, total = score_narration(w, text)["objects"]
+    assert (found, total) == (len(w.objects), len(w.objects) + 3)
+
+
 def test_wrong_answers_score_zero():
     w = World(11)
     for kind, wrong in (("color_at", "It is {}."), ("direction", "It is moving {}."), ("count", "There are {}.")):
