@@ -185,10 +185,13 @@ def sparrow_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     if attention_mask is not None and not isinstance(attention_mask, WindowAttnMask):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if attention_mask is None:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        attention_mask = _implicit_structure(query, key, bool(causal) and query.shape[2] > 1)
     queries, keys = query.shape[2], key.shape[2]
+    if attention_mask is None:  # e.g. the vision towers' window chunks: SDPA unless the op is wanted
+        if not (_wants_op(queries, keys) and _op_applies(module, query, key, value, dropout, kwargs)):
+            return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                          is_causal=is_causal, **kwargs)
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        attention_mask = _implicit_structure(query, key, bool(causal) and queries > 1)
     if attention_mask.key_slots != keys or tuple(attention_mask.q_pos.shape) != (query.shape[0], queries):
         raise ValueError(f"sparrow attention: the WindowAttnMask was built for {attention_mask.key_slots} key slots "
                          f"and q_pos {list(attention_mask.q_pos.shape)}, but this layer has {keys} key slots and "
