@@ -34,6 +34,9 @@ PYTHON_SUFFIX = "_python"     # a method run with SparrowGenerator(fast_draft=Fa
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="tiny", help="'tiny' or a local HF checkpoint directory")
+    ap.add_argument("--attn-implementation", default=None,
+                    help="HF targets only: transformers attention implementation (default: the adapters' 'sparrow'; "
+                         "'sdpa' or 'eager' for an A/B run)")
     ap.add_argument("--draft", action="append", default=[], metavar="NAME=DIR",
                     help="drafts to compare (default: the committed visual_kv, sparrow and vata_mtp drafts of the tiny LM)")
     ap.add_argument("--visual-tokens", default=",".join(map(str, DEFAULT_LENGTHS)))
@@ -344,7 +347,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    target = load_target(args.target, device=device)
+    if args.attn_implementation is not None and args.target == "tiny":
+        sys.exit("e2e: --attn-implementation applies to HF checkpoint targets only, not 'tiny'")
+    attn = {} if args.attn_implementation is None else {"attn_implementation": args.attn_implementation}
+    target = load_target(args.target, device=device, **attn)
     drafts = load_drafts(args, target)
     if not drafts:
         sys.exit("e2e: no drafts found (train them with `sparrow train-draft` or pass --draft NAME=DIR)")
@@ -362,7 +368,9 @@ def main(argv=None):
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
             "tree": tree.as_dict(), "max_new_tokens": args.max_new_tokens, "videos": videos, "repeats": args.repeats,
-            "prefill": "once per video, shared by every method and round", "argv": sys.argv}
+            "prefill": "once per video, shared by every method and round", "argv": sys.argv,
+            "attn_implementation": getattr(getattr(getattr(target, "model", None), "config", None),
+                                           "_attn_implementation", None)}  # HF targets only
     print(f"e2e: target={args.target} drafts={list(drafts)} tree={tree.as_dict()} lengths={lengths} temps={temps} videos={videos}")
     results: dict = {}
     for temp in temps:

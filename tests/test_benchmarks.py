@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,3 +109,27 @@ def test_hf_attention_benchmark_code_path(tmp_path):
     table = (tmp_path / "hf_attention_quick.md").read_text().splitlines()
     assert len(table) == 2 + len(data["rows"]) and table[2].startswith("| 64 | 1 | ")
     assert hf_attention.main(["--quick", "--impls", "sparrow,flash", "--out", str(tmp_path)]) == 2
+
+
+def test_e2e_attn_implementation_flag(tmp_path):
+    """`--attn-implementation sdpa` loads an HF checkpoint with that implementation (an A/B run of
+    the adapters' default "sparrow") and stays lossless; the tiny LM refuses the flag."""
+    from sparrow_kernels.draft import DraftConfig, SparrowDraft
+    from sparrow_kernels.targets.hf_llava import LlavaOneVisionTarget
+
+    target_dir, draft_dir = tmp_path / "llava", tmp_path / "draft"
+    target = LlavaOneVisionTarget.tiny_random(seed=0, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16)
+    target.model.save_pretrained(target_dir)
+    cfg = DraftConfig(hidden_size=target.hidden_size, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=48,
+                      vocab_size=target.vocab_size, feature_layers=(target.num_layers,), window=16, n_anchor=2)
+    torch.manual_seed(0)
+    SparrowDraft.from_target(cfg, target).save(draft_dir)
+    args = ["--target", str(target_dir), "--draft", f"random={draft_dir}", "--visual-tokens", "20", "--temperatures",
+            "0", "--videos", "1", "--max-new-tokens", "5", "--total-tokens", "4", "--depth", "2", "--top-k", "2",
+            "--repeats", "1", "--attn-implementation", "sdpa", "--out", str(tmp_path / "out")]
+    assert e2e.main(args) == 0
+    data = json.loads((tmp_path / "out" / "e2e.json").read_text())
+    assert data["meta"]["attn_implementation"] == "sdpa"
+    assert data["results"]["0.0"]["20"]["random"]["all_same_as_ar"] is True
+    with pytest.raises(SystemExit, match="HF checkpoint targets only"):
+        e2e.main(["--quick", "--attn-implementation", "sdpa", "--out", str(tmp_path / "tiny")])
