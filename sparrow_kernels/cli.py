@@ -20,6 +20,7 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- helpers
 LONG_CLIP_FRAMES = 64    # reading more frames than this without --frames / --fps prints a notice
+DEMO_MAX_VISUAL_TOKENS = 100_000
 
 
 def _one_line(text) -> str:
@@ -184,6 +185,9 @@ def cmd_demo(args) -> int:
     target = _load_target("tiny", device)
     draft = _load_draft(args.draft, target)
     visual_tokens = args.visual_tokens if args.visual_tokens is not None else (1000 if args.quick else 6000)
+    if visual_tokens > DEMO_MAX_VISUAL_TOKENS:
+        raise UserError(f"--visual-tokens {visual_tokens}: the demo holds the whole video and its KV cache in "
+                        f"memory; use at most {DEMO_MAX_VISUAL_TOKENS:,} (the README's study goes to 25,000)")
     max_new = args.max_new_tokens if args.max_new_tokens is not None else (48 if args.quick else 96)
     frames = target.frames_for(visual_tokens)
     world = VideoWorld(heldout_seed(args.seed))

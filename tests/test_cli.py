@@ -154,6 +154,11 @@ def test_argument_checks_exit_2(capsys, argv, expected):
     assert re.search(expected, capsys.readouterr().err)
 
 
+def test_demo_refuses_a_video_beyond_its_memory_bound(capsys):
+    code, _, err = run(["demo", "--visual-tokens", str(cli.DEMO_MAX_VISUAL_TOKENS + 1)], capsys)
+    assert code == 2 and f"use at most {cli.DEMO_MAX_VISUAL_TOKENS:,}" in one_error_line(err)
+
+
 @pytest.mark.parametrize("prompt", ["", "   ", "\t\n"])
 def test_empty_prompt_is_rejected(capsys, clip, prompt):
     code, out, err = run(["generate", "--video", str(clip), "--prompt", prompt, "--device", "cpu"], capsys)
