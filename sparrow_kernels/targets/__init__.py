@@ -23,7 +23,8 @@ def load_target(spec_or_dir: str | Path | None = None, **kwargs) -> Target:
     - `None` or `"tiny"`: the built-in tiny video LM (`TinyVLMTarget.load(**kwargs)`).
     - a local directory whose `config.json` has `model_type` `qwen2_5_vl` or `llava_onevision`:
       the stock HF model through its adapter (`from_pretrained(dir, **kwargs)`, e.g. `dtype`,
-      `device`, `attn_implementation`); its processor is used when the directory has one.
+      `device`, `attn_implementation`: default "sparrow", docs/hf_attention.md); its processor is
+      used when the directory has one.
     Anything else raises ValueError (FileNotFoundError for a missing directory or missing
     weights) naming the supported types.
     """

@@ -2,9 +2,10 @@
 
 Implements the `Target` protocol around an unmodified transformers model: per-row prefill,
 tree verification with explicit positions and either the tree's structure (the "sparrow"
-attention implementation, targets/hf_attention.py) or a 4-D float attention mask, KV compaction
-of the transformers cache object with `sparrow_kernels.ops.kv_compact`, and hidden-state
-capture with forward hooks. It must not copy or patch any modeling code, and never download.
+attention implementation, targets/hf_attention.py) or a 4-D float attention mask, a KV cache
+whose layers write new slots in place (`SlotLayer`), compaction of it with
+`sparrow_kernels.ops.kv_compact`, and hidden-state capture with forward hooks. It must not copy
+or patch any modeling code, and never download.
 """
 from __future__ import annotations
 
