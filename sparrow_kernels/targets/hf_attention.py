@@ -71,7 +71,8 @@ class WindowAttnMask:
         if kv_length not in self._dense:
             batch, queries = self.q_pos.shape
             slots = torch.arange(kv_length, device=self.q_pos.device)
-            visible = (slots[None, None, :] <= self.q_pos[:, :, None]) & (slots[None, None, :] < self.kv_len[:, None, None])
+            visible = (slots[None, None, :] <= self.q_pos[:, :, None]) & \
+                (slots[None, None, :] < self.kv_len[:, None, None])  # [B, Tq, Tk]
             if self.tree_mask is not None:
                 rel = slots[None, :] - (self.kv_len - queries)[:, None]  # [B, Tk] node index of each slot
                 in_tree = (rel >= 0) & (rel < queries)
