@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <sstream>
@@ -110,7 +111,9 @@ inline void check_window_attn_inputs(const char* op, const at::Tensor& q, const 
                                      int64_t window, int64_t n_anchor,
                                      const c10::optional<at::Tensor>& tree_mask, double scale) {
   (void)window;  // every value is meaningful: <= 0 = unlimited
-  (void)scale;   // every value is meaningful: <= 0 = 1/sqrt(D)
+  // every finite value is meaningful (<= 0 = 1/sqrt(D)); inf / NaN would turn every score
+  // into +-inf / NaN, which no kernel can answer meaningfully
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite (<= 0 selects 1/sqrt(D)), got ", scale);
   const std::initializer_list<at::ScalarType> attn_dtypes = {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble};
   check_tensor(op, "q", q, {{"B", kAnySize}, {"Hq", kAnySize}, {"Tq", kAnySize}, {"D", kAnySize}}, attn_dtypes);
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
@@ -208,6 +211,39 @@ inline void check_tree_links(const char* op, const at::Tensor& next_token, const
   }
 }
 
+// "[1, 2, 3]" for a flat index into a tensor of `sizes`
+inline std::string format_index(int64_t flat, c10::IntArrayRef sizes) {
+  std::vector<int64_t> index(sizes.size());
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+    index[d] = sizes[d] == 0 ? 0 : flat % sizes[d];
+    flat = sizes[d] == 0 ? 0 : flat / sizes[d];
+  }
+  return format_sizes(index);
+}
+
+// Probabilities: finite and >= 0 (a row may sum to anything > 0; all-zero rows are handled
+// by the op). NaN would read as "no mass" and bias the accepted tokens.
+inline void check_probabilities(const char* op, const char* arg, const at::Tensor& probs) {
+  if (!values_checkable(probs) || probs.numel() == 0) return;
+  const at::Tensor values = probs.contiguous();
+  const float* data = values.data_ptr<float>();
+  for (int64_t i = 0; i < values.numel(); ++i) {
+    TORCH_CHECK(std::isfinite(data[i]) && data[i] >= 0.0f, op, ": ", arg,
+                " values must be finite and >= 0, got ", arg, format_index(i, values.sizes()), " = ", data[i]);
+  }
+}
+
+// Uniform coins: in [0, 1) (NaN fails the test).
+inline void check_uniforms(const char* op, const char* arg, const at::Tensor& uniforms) {
+  if (!values_checkable(uniforms) || uniforms.numel() == 0) return;
+  const at::Tensor values = uniforms.contiguous();
+  const float* data = values.data_ptr<float>();
+  for (int64_t i = 0; i < values.numel(); ++i) {
+    TORCH_CHECK(data[i] >= 0.0f && data[i] < 1.0f, op, ": ", arg, " values must be in [0, 1), got ", arg,
+                format_index(i, values.sizes()), " = ", data[i]);
+  }
+}
+
 inline void check_tree_verify_greedy_inputs(const at::Tensor& candidates, const at::Tensor& target_predict,
                                             const at::Tensor& next_token, const at::Tensor& next_sibling) {
   const char* op = "tree_verify_greedy";
@@ -252,6 +288,10 @@ inline void check_tree_verify_sample_inputs(const at::Tensor& candidates, const 
     }
   }
   check_tree_links(op, next_token, next_sibling);
+  check_probabilities(op, "target_probs", target_probs);
+  check_probabilities(op, "draft_probs", draft_probs);
+  check_uniforms(op, "uniform_accept", uniform_accept);
+  check_uniforms(op, "uniform_final", uniform_final);
 }
 
 // ------------------------------------------------------------------------------ kv_compact

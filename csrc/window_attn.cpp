@@ -216,7 +216,9 @@ void window_attn_forward_kernel(const at::Tensor& q, const at::Tensor& k, const 
         const int64_t row = (b * Hq + h) * Tq + i;
         scalar_t* out_row = out_data + row * D;
         const acc_t* acc_row = acc.data() + g * D;
-        if (row_sum[g] > 0) {
+        // row_sum is 0 only without a visible key (the largest weight is exp(0) = 1); a NaN
+        // anywhere in a visible score or value leaves it or acc NaN, and NaN must come out
+        if (row_sum[g] != acc_t(0)) {
           const acc_t inv = acc_t(1) / row_sum[g];
           for (int64_t d = 0; d < D; ++d) out_row[d] = static_cast<scalar_t>(acc_row[d] * inv);
           lse_data[row] = std::log(row_sum[g]) + row_max[g];

@@ -7,6 +7,7 @@ input validation for the Python-side backends, with the same messages as csrc/ch
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 from torch import Tensor
@@ -90,6 +91,8 @@ def _check_window_attn(q, k, v, kv_len, q_pos, window, n_anchor, tree_mask, scal
         _check_tensor(op, "tree_mask", tree_mask, [("B", B), ("Tq", Tq), ("Tq", Tq)], (torch.bool,), dev)
     if n_anchor < 0:
         raise ValueError(f"{op}: n_anchor must be >= 0, got {n_anchor}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite (<= 0 selects 1/sqrt(D)), got {scale}")
     if _values_checkable(kv_len) and B > 0:
         low = Tq if tree_mask is not None else 1
         bad = (kv_len < low) | (kv_len > Tk)
@@ -183,6 +186,18 @@ def _check_tree_verify_sample(candidates, target_probs, draft_probs, next_token,
             raise ValueError(f"{op}: candidates values must be in [0, V) = [0, {V}), "
                              f"got candidates[{b}, {i + 1}] = {int(candidates[b, i + 1])}")
     _check_tree_links(op, next_token, next_sibling)
+    if _values_checkable(candidates):
+        for name, t in (("target_probs", target_probs), ("draft_probs", draft_probs)):
+            _check_values(op, name, t, torch.isfinite(t) & (t >= 0), "finite and >= 0")
+        for name, t in (("uniform_accept", uniform_accept), ("uniform_final", uniform_final)):
+            _check_values(op, name, t, (t >= 0) & (t < 1), "in [0, 1)")
+
+
+def _check_values(op: str, arg: str, t: Tensor, ok: Tensor, expected: str) -> None:
+    """Raise naming the first element of `t` where `ok` is False."""
+    if t.numel() > 0 and not bool(ok.all()):
+        where = [int(i) for i in (~ok).nonzero()[0]]
+        raise ValueError(f"{op}: {arg} values must be {expected}, got {arg}{where} = {float(t[tuple(where)])}")
 
 
 def _check_kv_compact(kv, prefix_len, accept_index, accept_len) -> None:
@@ -386,7 +401,14 @@ def tree_verify_sample(candidates: Tensor, target_probs: Tensor, draft_probs: Te
         return torch.ops.sparrow.tree_verify_sample(*args)
     _check_tree_verify_sample(*args)
     impl = _reference if name == "reference" else _triton()
-    return impl.tree_verify_sample(*args)
+    accept_index, accept_len, bonus_token = impl.tree_verify_sample(*args)
+    if _values_checkable(bonus_token) and bool((bonus_token < 0).any()):
+        # Triton's kernel marks an all-zero residual with -1 (a kernel cannot raise); the CPU raises
+        b = int((bonus_token < 0).nonzero()[0, 0])
+        node = int(accept_index[b, int(accept_len[b]) - 1])
+        raise ValueError(f"tree_verify_sample: target_probs[{b}, {node}] must have positive mass to sample the "
+                         "bonus token, got an all-zero row")
+    return accept_index, accept_len, bonus_token
 
 
 def kv_compact(kv: Tensor, prefix_len: Tensor, accept_index: Tensor, accept_len: Tensor) -> None:

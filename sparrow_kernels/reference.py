@@ -79,18 +79,39 @@ def window_attn(q: Tensor, k: Tensor, v: Tensor, kv_len: Tensor, q_pos: Tensor, 
                 n_anchor: int, tree_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     """Text-anchored window attention. Returns out `[B, Hq, Tq, D]` (q's dtype) and
     lse `[B, Hq, Tq]` (float32; float64 for float64 inputs). Differentiable by autograd
-    w.r.t. q, k, v. Queries with no visible key get out = 0, lse = -inf."""
+    w.r.t. q, k, v. Queries with no visible key get out = 0, lse = -inf. A NaN in q or in a
+    visible key gives NaN out and lse; a NaN value of a visible key gives NaN out there; keys
+    a query cannot see never affect it."""
     cdt = _compute_dtype(q)
-    scores, _, _ = _masked_scores(q, k, kv_len, q_pos, window, n_anchor, tree_mask, scale)
+    scores, visible, _ = _masked_scores(q, k, kv_len, q_pos, window, n_anchor, tree_mask, scale)
     row_max = scores.amax(dim=-1, keepdim=True).detach()                    # [B, Hq, Tq, 1]
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     weights = torch.exp(scores - row_max)                                   # [B, Hq, Tq, Tk], 0 where masked
     denom = weights.sum(dim=-1, keepdim=True)                               # [B, Hq, Tq, 1]
     probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
     values = _expand_kv_heads(_valid_slots(v, kv_len, cdt), q.shape[1])   # [B, Hq, Tk, D]
-    out = torch.einsum("bhqk,bhkd->bhqd", probs, values)                    # [B, Hq, Tq, D]
+    out = _weighted_values(probs, values, visible)                          # [B, Hq, Tq, D]
     lse = (torch.log(denom) + row_max).squeeze(-1)                          # [B, Hq, Tq]
     return out.to(q.dtype), lse.to(cdt)
+
+
+def _weighted_values(probs: Tensor, values: Tensor, visible: Tensor) -> Tensor:
+    """probs @ values over each query's visible keys only: a plain matmul would spread a
+    NaN/inf value of a key the query cannot see (probability 0; 0 * NaN = NaN). Finite values
+    go through the matmul; a non-finite one reaches out[q, d] iff q sees its key, with IEEE
+    sums: NaN wins, +inf and -inf together give NaN."""
+    finite = torch.isfinite(values)                                         # [B, Hq, Tk, D]
+    out = torch.einsum("bhqk,bhkd->bhqd", probs, values.masked_fill(~finite, 0))
+    if bool(finite.all()):
+        return out
+    sees = visible.expand(-1, values.shape[1], -1, -1).to(values.dtype)    # [B, Hq, Tq, Tk]
+
+    def seen(mask: Tensor) -> Tensor:                                       # [B, Hq, Tq, D] bool
+        return torch.einsum("bhqk,bhkd->bhqd", sees, mask.to(values.dtype)) > 0
+
+    pos_inf, neg_inf, nan = seen(values == math.inf), seen(values == -math.inf), seen(values.isnan())
+    out = out.masked_fill(pos_inf, math.inf).masked_fill(neg_inf, -math.inf)
+    return out.masked_fill(nan | (pos_inf & neg_inf), math.nan)
 
 
 def window_attn_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
@@ -128,6 +149,8 @@ def gather_hidden(hidden: list[Tensor], index: Tensor) -> Tensor:
     hidden: n_layers x [B, T, H]; index [B, N] int64 -> out [B, N, n_layers * H]."""
     B, N = index.shape
     H = hidden[0].shape[-1]
+    if hidden[0].shape[1] == 0:                                             # T = 0: every index is -1
+        return hidden[0].new_zeros(B, N, len(hidden) * H)
     padding = index < 0                                                     # [B, N]
     safe_index = index.clamp(min=0)[:, :, None].expand(B, N, H)             # [B, N, H]
     per_layer = [torch.gather(h, 1, safe_index) for h in hidden]            # n_layers x [B, N, H]
@@ -175,13 +198,18 @@ def tree_verify_greedy(candidates: Tensor, target_predict: Tensor, next_token: T
     return _pack_paths(paths, bonus, N, candidates.device)
 
 
-def _sample_residual(p: Tensor, S: Tensor, u: Tensor) -> int:
+def _sample_residual(p: Tensor, S: Tensor, u: Tensor, b: int, node: int) -> int:
     """Inverse CDF of the unnormalised residual p: first t with cumsum(p)[t] > u * S, or
-    the last t with p[t] > 0 if rounding runs past the end."""
+    the last t with p[t] > 0 if rounding runs past the end (none: an all-zero row raises, as
+    the C++ kernel does)."""
     above = torch.nonzero(torch.cumsum(p, dim=0) > u * S)
     if above.numel() > 0:
         return int(above[0, 0])
-    return int(torch.nonzero(p > 0)[-1, 0])
+    positive = torch.nonzero(p > 0)
+    if positive.numel() == 0:
+        raise ValueError(f"tree_verify_sample: target_probs[{b}, {node}] must have positive mass to sample the "
+                         "bonus token, got an all-zero row")
+    return int(positive[-1, 0])
 
 
 def tree_verify_sample(candidates: Tensor, target_probs: Tensor, draft_probs: Tensor,
@@ -223,7 +251,7 @@ def tree_verify_sample(candidates: Tensor, target_probs: Tensor, draft_probs: Te
                     p = target[cur].clone()
                     S = p.sum()
             if accepted is None:
-                bonus.append(_sample_residual(p, S, uniform_final[b].float()))
+                bonus.append(_sample_residual(p, S, uniform_final[b].float(), b, cur))
                 break
             cur = accepted
             path.append(cur)

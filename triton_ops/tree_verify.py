@@ -129,7 +129,8 @@ def _reject_target_only(p_ptr, out_ptr, token, V, BLOCK_V: tl.constexpr):
 @triton.jit
 def _sample_inverse_cdf(p_ptr, threshold, V, BLOCK_V: tl.constexpr):
     """First t with cumsum(p)[t] > threshold; the last t with p[t] > 0 if there is none
-    (rounding ran past the end); 0 if p is all zero."""
+    (rounding ran past the end); -1 if p has no positive mass (the ops front raises for CPU
+    tensors, as the C++ kernel; CUDA callers see bonus_token = -1, as from the CUDA kernel)."""
     found = -1
     last_positive = -1
     running = 0.0
@@ -144,7 +145,7 @@ def _sample_inverse_cdf(p_ptr, threshold, V, BLOCK_V: tl.constexpr):
         last_positive = tl.maximum(last_positive, tl.max(tl.where((p > 0.0) & in_v, offs, -1), axis=0))
         running += tl.sum(p, axis=0)
         start += BLOCK_V
-    return tl.where(found >= 0, found, tl.maximum(last_positive, 0))
+    return tl.where(found >= 0, found, last_positive)
 
 
 @triton.jit

@@ -161,6 +161,7 @@ def _window_attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)      # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                    # running sum of exp2
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)           # [BLOCK_M, BLOCK_D]
+    v_nan = tl.zeros([BLOCK_M], dtype=tl.int32)                    # a visible key's v row is not finite
     for t in range(t_begin, t_end):
         keys, key_ok, is_tree = _block_keys(t, anchor_end, lo, lo_aligned, hi, tree_lo,
                                             tree_aligned, kv_len, n_anchor_blocks, n_win, BLOCK_N)
@@ -171,6 +172,12 @@ def _window_attn_fwd_kernel(
         vis = _visibility(keys, key_ok, is_tree, q_idx, row_ok, first, last, tree_row_ptr, stride_ti,
                           tree_lo, n_anchor, HAS_TREE)
         scores = tl.where(vis, scores, float("-inf"))
+        # P @ V would spread 0 * NaN from a key some row of the tile cannot see: non-finite
+        # values are zeroed there and the rows that see one are made NaN at the end
+        v_bad = (v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))                   # [BLOCK_N, BLOCK_D]
+        key_bad = tl.max(v_bad.to(tl.int32), axis=1)                                    # [BLOCK_N]
+        v_nan = tl.maximum(v_nan, tl.max((vis & (key_bad[None, :] > 0)).to(tl.int32), axis=1))
+        v = tl.where(v_bad, 0.0, v)
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -179,8 +186,9 @@ def _window_attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    has_keys = l_i > 0.0
+    has_keys = l_i != 0.0                                          # 0 only without a visible key; NaN stays NaN
     out_tile = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    out_tile = tl.where(v_nan[:, None] > 0, float("nan"), out_tile)
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
     row_index = (b64 * Hq + head.to(tl.int64)) * Tq + q_idx        # flat (b, head, query) index
@@ -213,8 +221,9 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, n_rows, D
     total = tl.sum(weight, axis=0)
     parts = tl.load(part_out_ptr + part_row[:, None] * D + d[None, :],
                     mask=s_ok[:, None] & d_ok[None, :] & (weight[:, None] > 0.0), other=0.0)
-    merged = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
-    lse = tl.where(total > 0.0, lse_safe + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+    has_keys = total != 0.0                                        # NaN (a NaN input) stays NaN
+    merged = tl.sum(parts * weight[:, None], axis=0) / tl.where(has_keys, total, 1.0)
+    lse = tl.where(has_keys, lse_safe + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
     tl.store(out_ptr + row * D + d, merged.to(out_ptr.dtype.element_ty), mask=d_ok)
     tl.store(lse_ptr + row, lse)
 
@@ -433,8 +442,13 @@ def _check_inputs(q, k, v, kv_len, q_pos, tree_mask) -> None:
     if Hq % k.shape[1] != 0:
         raise ValueError(f"window_attn (triton): Hq = {Hq} must be a multiple of Hkv = {k.shape[1]}")
     if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"window_attn (triton): q, k, v must share one dtype of fp16/bf16/fp32, "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"window_attn: backend 'triton' computes float32/float16/bfloat16 (float64 runs on "
+                         f"'reference', 'cpu' and 'cuda'); q, k, v must share one of them, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        # the interpreter computes bf16 dots wrongly (lse ~4e9 for a 4-key row): refuse
+        raise ValueError("window_attn: backend 'triton' cannot compute bfloat16 in the Triton interpreter "
+                         "(TRITON_INTERPRET=1, CPU tensors); use a GPU, float16/float32, or backend 'cpu'")
     if D > 256:
         raise ValueError(f"window_attn (triton): head dim D must be <= 256, got {D}")
     if tuple(kv_len.shape) != (B,) or tuple(q_pos.shape) != (B, Tq):

@@ -144,11 +144,17 @@ __device__ __forceinline__ T warp_sum(T value) {
   return group_sum(value, kWarpSize);
 }
 
+// max that propagates NaN from either side (a > b alone would drop a NaN: a NaN score must
+// reach the softmax sum, docs/ops.md)
+template <typename T>
+__device__ __forceinline__ T nan_max(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_max(T value) {
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const T other = __shfl_xor_sync(kFullMask, value, offset);
-    value = other > value ? other : value;
+    value = nan_max(__shfl_xor_sync(kFullMask, value, offset), value);
   }
   return value;
 }

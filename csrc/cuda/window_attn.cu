@@ -264,8 +264,8 @@ __global__ void __launch_bounds__(kThreads) window_attn_split_kernel(const AttnP
       acc_t* row = scores + m * kMaxBlockN;
       const acc_t s0 = lane < p.block_n ? row[lane] : cuda::neg_inf<acc_t>();
       const acc_t s1 = lane + cuda::kWarpSize < p.block_n ? row[lane + cuda::kWarpSize] : cuda::neg_inf<acc_t>();
-      const acc_t tile_max = cuda::warp_max(s0 > s1 ? s0 : s1);
-      const acc_t new_max = tile_max > old_max ? tile_max : old_max;
+      const acc_t tile_max = cuda::warp_max(cuda::nan_max(s0, s1));
+      const acc_t new_max = cuda::nan_max(tile_max, old_max);  // NaN once a visible score is NaN
       acc_t alpha = acc_t(1), p0 = acc_t(0), p1 = acc_t(0);
       if (new_max != cuda::neg_inf<acc_t>()) {
         alpha = cuda::device_exp2(old_max - new_max);
@@ -315,7 +315,8 @@ __global__ void __launch_bounds__(kThreads) window_attn_split_kernel(const AttnP
     const int m = pair / chunks, c = pair % chunks;
     if (pair < MAX_M * chunks && m < n_rows) {
       const acc_t sum = row_sum[m];
-      const acc_t inv = sum > acc_t(0) ? acc_t(1) / sum : acc_t(0);
+      // sum is 0 only without a visible key; NaN (a NaN input) must come out as NaN
+      const acc_t inv = sum != acc_t(0) ? acc_t(1) / sum : acc_t(0);
       const int64_t row = (static_cast<int64_t>(b) * p.Hq + row_head[m]) * p.Tq + row_query[m];
       if (p.num_splits == 1) {
         scalar_t* out = static_cast<scalar_t*>(p.out) + row * D + c * VEC;
@@ -331,7 +332,7 @@ __global__ void __launch_bounds__(kThreads) window_attn_split_kernel(const AttnP
   if (tid < n_rows) {
     const int m = tid;
     const acc_t sum = row_sum[m];
-    const acc_t lse = sum > acc_t(0) ? (row_max[m] + cuda::device_log2(sum)) * acc_t(M_LN2) : cuda::neg_inf<acc_t>();
+    const acc_t lse = sum != acc_t(0) ? (row_max[m] + cuda::device_log2(sum)) * acc_t(M_LN2) : cuda::neg_inf<acc_t>();
     const int64_t row = (static_cast<int64_t>(b) * p.Hq + row_head[m]) * p.Tq + row_query[m];
     if (p.num_splits == 1) {
       p.lse[row] = lse;
@@ -352,7 +353,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t max_lse = cuda::neg_inf<acc_t>();
   for (int s = 0; s < num_splits; ++s) {
     const acc_t value = split_lse[s * rows + row];
-    max_lse = value > max_lse ? value : max_lse;
+    max_lse = cuda::nan_max(value, max_lse);  // a NaN split makes the row NaN
   }
   if (max_lse == cuda::neg_inf<acc_t>()) {  // no visible key in any split
     for (int d = lane; d < D; d += cuda::kWarpSize) out[row * D + d] = static_cast<scalar_t>(0.0f);
