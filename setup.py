@@ -12,7 +12,9 @@ SPARROW_DEBUG=1 (keep debug info in the .cpp objects).
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
+import shutil
 import site
 import sys
 from pathlib import Path
@@ -153,6 +155,53 @@ def _packages() -> tuple[list[str], dict[str, str]]:
     packages = find_packages(include=["sparrow_kernels", "sparrow_kernels.*"])
     package_dir = {}
     if (ROOT / "triton_ops").is_dir():
+class _ReusingBuildExt(cpp_extension.BuildExtension):
+    """An editable install (`pip install -e .`) builds in a fresh temp dir each time, so a second
+    install recompiled every source (the CUDA ones for ~10 minutes). When the in-place _C was
+    built from the same sources, flags and torch (recorded in sparrow_kernels/_C.build-key with
+    the library's hash), it is reused instead of compiled again."""
+
+    def build_extension(self, ext) -> None:
+        inplace = ROOT / self.get_ext_filename(ext.name)
+        stamp = inplace.parent / "_C.build-key"
+        key = _build_key(ext)
+        editable = bool(getattr(self, "editable_mode", False))
+        if editable and inplace.is_file() and stamp.is_file() and \
+                stamp.read_text().split() == [key, _sha256(inplace)]:
+            print(f"sparrow_kernels: reusing {inplace.name} (same sources, flags and torch as its build)",
+                  file=sys.stderr)
+            target = Path(self.get_ext_fullpath(ext.name))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(inplace, target)
+            return
+        stamp.unlink(missing_ok=True)
+        super().build_extension(ext)
+        if editable:  # copied in place after this; record what it was built from
+            stamp.write_text(f"{key} {_sha256(Path(self.get_ext_fullpath(ext.name)))}\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _build_key(ext) -> str:
+    """Hash of everything the compiled _C depends on: every file under csrc/, setup.py, the
+    extension's sources, macros and flags, and the Python / torch / CUDA / arch versions."""
+    digest = hashlib.sha256()
+    for path in sorted(ROOT.glob("csrc/**/*")) + [ROOT / "setup.py"]:
+        if path.is_file():
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    config = (type(ext).__name__, sorted(ext.sources), ext.define_macros, ext.include_dirs, ext.extra_compile_args,
+              ext.extra_link_args, sys.version, torch.__version__, torch.version.cuda,
+              os.environ.get("TORCH_CUDA_ARCH_LIST"), cpp_extension.CUDA_HOME)
+    digest.update(repr(config).encode())
+    return digest.hexdigest()
+
+
         packages.append("sparrow_kernels.triton_ops")
         package_dir["sparrow_kernels.triton_ops"] = "triton_ops"
         for sub in find_packages(where="triton_ops"):
@@ -179,8 +228,7 @@ def main() -> None:
         package_data={"sparrow_kernels": ["checkpoints/**/*.safetensors", "checkpoints/**/*.json"]},
         ext_modules=[_extension(with_cuda)],
         # ninja when installed (parallel, honours MAX_JOBS); plain setuptools otherwise
-        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(
-            use_ninja=cpp_extension.is_ninja_available())},
+        cmdclass={"build_ext": _ReusingBuildExt.with_options(use_ninja=cpp_extension.is_ninja_available())},
         zip_safe=False,
     )
 
