@@ -149,12 +149,6 @@ def _extension(with_cuda: bool):
         extra_link_args=link_flags)
 
 
-def _packages() -> tuple[list[str], dict[str, str]]:
-    """sparrow_kernels and its subpackages, plus the top-level triton_ops/ directory installed
-    as sparrow_kernels.triton_ops (so no generic `triton_ops` lands in site-packages)."""
-    packages = find_packages(include=["sparrow_kernels", "sparrow_kernels.*"])
-    package_dir = {}
-    if (ROOT / "triton_ops").is_dir():
 class _ReusingBuildExt(cpp_extension.BuildExtension):
     """An editable install (`pip install -e .`) builds in a fresh temp dir each time, so a second
     install recompiled every source (the CUDA ones for ~10 minutes). When the in-place _C was
@@ -202,6 +196,12 @@ def _build_key(ext) -> str:
     return digest.hexdigest()
 
 
+def _packages() -> tuple[list[str], dict[str, str]]:
+    """sparrow_kernels and its subpackages, plus the top-level triton_ops/ directory installed
+    as sparrow_kernels.triton_ops (so no generic `triton_ops` lands in site-packages)."""
+    packages = find_packages(include=["sparrow_kernels", "sparrow_kernels.*"])
+    package_dir = {}
+    if (ROOT / "triton_ops").is_dir():
         packages.append("sparrow_kernels.triton_ops")
         package_dir["sparrow_kernels.triton_ops"] = "triton_ops"
         for sub in find_packages(where="triton_ops"):
