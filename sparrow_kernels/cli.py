@@ -1,4 +1,4 @@
-"""The `sparrow` command line: demo, generate, train-target, train-draft, bench.
+"""The `sparrow` command line: demo, generate, train-target, train-draft, bench, export-vllm.
 
 Thin wrappers over the library: argument parsing, progress and printing live here; no model,
 decoding or training logic does. User errors (missing file, unreadable video, mismatched
@@ -344,6 +344,16 @@ def _float_in(low: float, high: float = float("inf"), low_open: bool = False, wh
 TEMPERATURE = _float_in(0.0, 1e6, what="a finite number >= 0 (0 = greedy)")
 
 
+def cmd_export_vllm(args) -> int:
+    """A Sparrow draft + its Qwen2.5-VL target -> a directory vLLM loads (docs/serving.md)."""
+    from sparrow_kernels.integrations.vllm.export import METHOD, export_vllm
+
+    out = export_vllm(args.draft, args.target, args.out)
+    print(f"wrote {out}: serve with  vllm serve {args.target} --speculative-config "
+          f"'{{\"method\": \"{METHOD}\", \"model\": \"{out}\", \"num_speculative_tokens\": 3}}'")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparrow", description="Lossless speculative decoding for video LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -389,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train-target", help="train the tiny video LM (options: sparrow train-target --help)", add_help=False)
     sub.add_parser("train-draft", help="train a draft (options: sparrow train-draft --help)", add_help=False)
     sub.add_parser("bench", help="benchmarks: kernels (benchmarks/run.py) or e2e (benchmarks/e2e.py)", add_help=False)
+
+    x = sub.add_parser("export-vllm", help="write a Sparrow draft as a vLLM speculative model (docs/serving.md)")
+    x.add_argument("--draft", required=True, help="Sparrow draft directory (config.json + model.safetensors)")
+    x.add_argument("--target", required=True, help="the draft's Qwen2.5-VL target: a local Hugging Face directory")
+    x.add_argument("--out", required=True, help="directory to write")
     return p
 
 
@@ -417,7 +432,7 @@ def main(argv=None) -> int:
                 return 2
             return cmd_bench(argv[1], argv[2:])
         args = parser.parse_args(argv)
-        return {"demo": cmd_demo, "generate": cmd_generate}[args.command](args)
+        return {"demo": cmd_demo, "generate": cmd_generate, "export-vllm": cmd_export_vllm}[args.command](args)
     except KeyboardInterrupt:
         print("sparrow: interrupted", file=sys.stderr)
         return 130

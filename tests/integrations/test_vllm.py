@@ -1,0 +1,76 @@
+"""The Sparrow draft inside vLLM (CPU build): the plugin registers it, vLLM with it returns exactly
+vLLM's own greedy output for concurrent text and video requests, and poisoning the draft's inputs
+and cache at visual positions changes none of its proposals or hidden states. Two engine sessions
+(no speculation; Sparrow draft), each in a subprocess (tests/integrations/vllm_engine_run.py), on
+a tiny random Qwen2.5-VL. Runs in the vLLM venv (.ci/run); skipped where vLLM is not importable.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                       reason="vLLM is not importable here; the vLLM tests run in their own venv (.ci/run, docs/serving.md)"),
+]
+
+RUNNER = Path(__file__).with_name("vllm_engine_run.py")
+
+
+def run_engine(target: Path, draft: Path | None, tmp: Path) -> dict:
+    command = [sys.executable, str(RUNNER), "--target", str(target)] + (["--draft", str(draft)] if draft else [])
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    log = tmp / ("spec.log" if draft else "baseline.log")
+    with open(log, "w") as out:
+        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=out, text=True, timeout=900, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"engine run failed (rc {proc.returncode}); log: {log}\n" + \
+        "\n".join(log.read_text().splitlines()[-30:])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from sparrow_kernels.integrations.vllm.export import export_vllm
+    from sparrow_kernels.integrations.vllm.tiny import build_random_draft, build_tiny_qwen25vl
+
+    tmp = tmp_path_factory.mktemp("vllm")
+    target = build_tiny_qwen25vl(tmp / "target")
+    draft = build_random_draft(tmp / "draft", target, window=16, n_anchor=8)
+    exported = export_vllm(draft, target, tmp / "draft_vllm")
+    return {"baseline": run_engine(target, None, tmp), "sparrow": run_engine(target, exported, tmp)}
+
+
+def test_plugin_entry_point_registers_the_draft(runs):
+    names = [ep.value for ep in importlib.metadata.entry_points(group="vllm.general_plugins")]
+    assert "sparrow_kernels.integrations.vllm.plugin:register" in names
+    assert runs["sparrow"]["plugin_registered"]
+
+
+def test_greedy_output_is_vllms_own_for_text_and_video(runs):
+    base, spec = runs["baseline"], runs["sparrow"]
+    lengths = spec["prompt_lengths"]
+    assert min(lengths[2:]) > max(lengths[:2]) + 8, f"the video prompts hold visual tokens: {lengths}"
+    assert spec["outputs"] == base["outputs"]
+    metrics = spec["metrics"]
+    drafted = sum(metrics["vllm:spec_decode_num_draft_tokens"]) if isinstance(
+        metrics["vllm:spec_decode_num_draft_tokens"], list) else metrics["vllm:spec_decode_num_draft_tokens"]
+    accepted = metrics["vllm:spec_decode_num_accepted_tokens"]
+    accepted = sum(accepted) if isinstance(accepted, list) else accepted
+    assert 0 < accepted < drafted, f"both accepted and rejected drafts: {accepted} of {drafted}"
+
+
+def test_poisoned_visual_positions_leave_the_draft_unchanged(runs):
+    spec = runs["sparrow"]
+    assert spec["outputs_poisoned"] == spec["outputs_again"] == spec["outputs"]
+    assert spec["draft_calls"][0] == spec["draft_calls"][1] > 0
+    assert spec["proposals_equal"]
+    assert spec["hidden_equal"] and spec["hidden_finite"]

@@ -1,0 +1,89 @@
+"""`sparrow export-vllm` (sparrow_kernels.integrations.vllm.export): what it writes for vLLM, and
+the one-line errors for drafts and targets it cannot export. No vLLM needed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sparrow_kernels import cli
+from sparrow_kernels.draft import DraftConfig, SparrowDraft, committed_draft_dir
+from sparrow_kernels.integrations.vllm.export import export_vllm
+
+H, V, LAYERS = 64, 97, 3
+
+
+def write_target(path, model_type="qwen2_5_vl", norm_name="model.language_model.norm.weight"):
+    """The parts of a Qwen2.5-VL checkpoint export reads: config.json and the final norm."""
+    path.mkdir(parents=True)
+    config = {"model_type": model_type, "image_token_id": 90, "video_token_id": 91, "vision_end_token_id": 89,
+              "text_config": {"hidden_size": H, "vocab_size": V, "num_hidden_layers": LAYERS, "rms_norm_eps": 1e-5,
+                              "max_position_embeddings": 2048}}
+    (path / "config.json").write_text(json.dumps(config))
+    save_file({norm_name: torch.arange(H, dtype=torch.float32), "model.language_model.layers.0.x": torch.zeros(2)},
+              str(path / "model.safetensors"))
+    return path
+
+
+def write_draft(path, feature_layers=(LAYERS,), hidden=H, visual_kv=False):
+    cfg = DraftConfig(hidden_size=hidden, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=96,
+                      vocab_size=V, feature_layers=feature_layers, window=16, n_anchor=4, visual_kv=visual_kv)
+    torch.manual_seed(0)
+    draft = SparrowDraft(cfg, nn.Embedding(V, hidden), nn.Identity())
+    draft.save(path)
+    return draft
+
+
+def test_export_writes_an_eagle3_draft_vllm_can_name(tmp_path):
+    target = write_target(tmp_path / "target", norm_name="model.norm.weight")   # the transformers 4.x name
+    draft = write_draft(tmp_path / "draft")
+    out = export_vllm(tmp_path / "draft", target, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["SparrowDraftEagle3"]
+    assert config["eagle_aux_hidden_state_layer_ids"] == [LAYERS]     # vLLM's aux numbering = the project's
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 1, 32)
+    section = config["sparrow"]
+    assert DraftConfig.from_dict(section["draft"]) == draft.config
+    assert section["placeholder_token_ids"] == [90, 91] and section["text_after_visual_token_id"] == 89
+    assert section["target_rms_norm_eps"] == 1e-5
+    weights = load_file(str(out / "model.safetensors"))
+    assert set(weights) == {f"draft.{k}" for k in draft.state_dict()} | {"norm"}
+    for name, tensor in draft.state_dict().items():
+        assert torch.equal(weights[f"draft.{name}"], tensor)
+    assert torch.equal(weights["norm"], torch.arange(H, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("two_layers", "one feature layer"),
+    ("hidden", "hidden_size=32 does not match the target's 64"),
+    ("not_qwen", "must be a Qwen2.5-VL checkpoint"),
+    ("no_norm", "has none of"),
+    ("layer_out_of_range", "outside the target's layers 0..3"),
+])
+def test_export_refuses_what_vllm_cannot_run(tmp_path, case, match):
+    target = write_target(tmp_path / "target", model_type="llava" if case == "not_qwen" else "qwen2_5_vl",
+                          norm_name="other.weight" if case == "no_norm" else "model.language_model.norm.weight")
+    layers = {"two_layers": (1, 3), "layer_out_of_range": (7,)}.get(case, (LAYERS,))
+    write_draft(tmp_path / "draft", feature_layers=layers, hidden=32 if case == "hidden" else H)
+    with pytest.raises(ValueError, match=match):
+        export_vllm(tmp_path / "draft", target, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_export_vllm(tmp_path, capsys):
+    target = write_target(tmp_path / "target")
+    write_draft(tmp_path / "draft")
+    assert cli.main(["export-vllm", "--draft", str(tmp_path / "draft"), "--target", str(target),
+                     "--out", str(tmp_path / "out")]) == 0
+    assert '"method": "eagle3"' in capsys.readouterr().out
+    # the committed drafts belong to the built-in tiny LM, not to a Qwen2.5-VL: one line, exit 2
+    assert cli.main(["export-vllm", "--draft", committed_draft_dir(), "--target", str(target),
+                     "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparrow: error: export-vllm:") and "\n" not in err
+    assert cli.main(["export-vllm", "--draft", str(tmp_path / "missing"), "--target", str(target),
+                     "--out", str(tmp_path / "out3")]) == 2
+    assert "does not exist" in capsys.readouterr().err
