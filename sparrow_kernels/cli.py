@@ -242,7 +242,7 @@ def cmd_generate(args) -> int:
     import warnings
 
     from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
-    from sparrow_kernels.video_io import probe_video, read_video
+    from sparrow_kernels.video_io import VideoTooLargeError, probe_video, read_video
 
     if not args.prompt.strip():
         raise UserError("--prompt is empty; ask something about the video, e.g. --prompt \"describe the video\"")
@@ -264,7 +264,10 @@ def cmd_generate(args) -> int:
               f"--fps R to sample fewer")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        frames = read_video(args.video, num_frames=args.frames, fps=args.fps)
+        try:
+            frames = read_video(args.video, num_frames=args.frames, fps=args.fps)
+        except VideoTooLargeError as err:
+            raise UserError(f"{err} (here: --frames N or --fps R)") from err
     for w in caught:  # one line each, not Python's warning format with its source line
         _note(f"warning: {_one_line(w.message)}")
     if hasattr(target, "make_prompt"):

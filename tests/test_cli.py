@@ -296,3 +296,13 @@ def test_train_draft_help_ends_its_sentence(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert info.value.code == 0
     assert "and of the baselines and ablations in the same code (visual-KV draft; each component on/off)." in out
+
+
+def test_video_over_the_memory_budget_names_the_cli_options(capsys, monkeypatch, clip):
+    import sparrow_kernels.video_io as video_io
+
+    monkeypatch.setattr(video_io, "available_memory_bytes", lambda: 3 * 32 * 32 * 3)
+    code, _, err = run(["generate", "--video", str(clip), "--prompt", "describe the video", "--device", "cpu"],
+                       capsys)
+    line = one_error_line(err)
+    assert code == 2 and "at most 3 frames fit" in line and line.endswith("(here: --frames N or --fps R)")
