@@ -216,6 +216,18 @@ def make_batch(run_seed: int, step: int, args, tokenizer) -> dict:
             "second_per_grid_ts": torch.cat([v["second_per_grid_ts"] for v in videos])}
 
 
+def answer_loss(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy of the supervised next tokens (the same value as the stock forward's
+    `labels` loss); the stock forward computes logits only at the positions that predict one
+    (`logits_to_keep`), not at the visual and prompt positions."""
+    targets = batch["labels"][:, 1:]                                        # [B, L-1]
+    keep = (targets != -100).any(0).nonzero().squeeze(1)                    # [K] positions p predicting p+1
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=keep).logits                    # [B, K, V]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(),
+                                             ignore_index=-100)
+
+
 # ----------------------------------------------------------------------------- eval
 
 @torch.no_grad()
@@ -353,7 +365,7 @@ def main(argv=None) -> int:
         batch = make_batch(args.seed, step, args, tokenizer)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args, (time.time() - t_start) / 60)
-        loss = model(**batch).loss
+        loss = answer_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -94,6 +94,16 @@ def test_video_positions_are_time_aligned():
     assert abs(spans[0] - spans[1]) <= tokens_per_second * 2 * world.duration / 16 + 1
 
 
+def test_answer_loss_equals_the_stock_labels_loss(processor):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(1)
+    args = train_qwen.parse_args(TINY)
+    model = Qwen2_5_VLForConditionalGeneration(train_qwen.build_config(args, processor.tokenizer))
+    batch = train_qwen.make_batch(0, 3, args, processor.tokenizer)
+    torch.testing.assert_close(train_qwen.answer_loss(model, batch), model(**batch).loss, atol=1e-5, rtol=1e-5)
+
+
 def test_stock_forward_learns_a_batch(processor):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -104,7 +114,7 @@ def test_stock_forward_learns_a_batch(processor):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(6):
-        loss = model(**batch).loss
+        loss = train_qwen.answer_loss(model, batch)
         opt.zero_grad()
         loss.backward()
         assert model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0   # the vision tower trains too
