@@ -257,11 +257,14 @@ def cmd_generate(args) -> int:
     if unknown:
         _note(f"note: the built-in tiny video LM knows only the words of its synthetic captions and questions; "
               f"these words of --prompt are unknown to it (read as <unk>): {', '.join(unknown)}")
-    if args.frames is None and args.fps is None and info.frame_count > LONG_CLIP_FRAMES:
-        per_frame = f" = {target.visual_tokens_for(info.frame_count):,} visual tokens" \
-            if hasattr(target, "visual_tokens_for") else ""
-        _note(f"note: reading all {info.frame_count:,} frames of {args.video}{per_frame}; pass --frames N or "
-              f"--fps R to sample fewer")
+    whole = args.frames is None and args.fps is None
+
+    def long_clip_note(count: int, verb: str) -> None:
+        visual = f" = {target.visual_tokens_for(count):,} visual tokens" if hasattr(target, "visual_tokens_for") else ""
+        _note(f"note: {verb} all {count:,} frames of {args.video}{visual}; pass --frames N or --fps R to sample fewer")
+
+    if whole and info.frame_count > LONG_CLIP_FRAMES:
+        long_clip_note(info.frame_count, "reading")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -270,6 +273,8 @@ def cmd_generate(args) -> int:
             raise UserError(f"{err} (here: --frames N or --fps R)") from err
     for w in caught:  # one line each, not Python's warning format with its source line
         _note(f"warning: {_one_line(w.message)}")
+    if whole and not info.frame_count and frames.shape[0] > LONG_CLIP_FRAMES:  # no count known before reading
+        long_clip_note(frames.shape[0], "read")
     if hasattr(target, "make_prompt"):
         prompt = target.make_prompt(frames, args.prompt)
     else:

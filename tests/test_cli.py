@@ -204,6 +204,24 @@ def test_long_clip_without_frames_gets_a_notice(tmp_path, capsys):
     assert code == 0 and "note: reading all" not in err
 
 
+def test_long_stream_without_frame_count_gets_the_notice_after_reading(tmp_path, capsys):
+    frames = cli.LONG_CLIP_FRAMES + 3
+    path = tmp_path / "raw.m4v"
+    with av.open(str(path), "w", format="m4v") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width = stream.height = 16
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            rgb = torch.full((16, 16, 3), 20 + i, dtype=torch.uint8).numpy()
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    code, _, err = run(["generate", "--video", str(path), "--prompt", "describe the video", "--max-new-tokens", "2",
+                        "--no-draft", "--device", "cpu"], capsys)
+    assert code == 0 and f"sparrow: note: read all {frames} frames of {path}" in err
+
+
 def test_words_outside_the_tiny_vocabulary_are_named(capsys, clip):
     code, _, err = run(["generate", "--video", str(clip), "--prompt", "describe the giraffe video Quickly",
                         "--max-new-tokens", "2", "--no-draft", "--device", "cpu"], capsys)
