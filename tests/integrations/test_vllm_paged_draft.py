@@ -138,3 +138,23 @@ def test_poisoned_visual_positions_change_nothing():
 def test_unknown_cache_layout_is_refused():
     with pytest.raises(ValueError, match="kv_cache of shape"):
         PagedStore(torch.zeros(3, HKV, BLOCK, D), HKV, D)
+
+
+@pytest.mark.parametrize("layout", ["cpu", "flash"])
+def test_store_keeps_slots_apart_in_both_layouts(layout):
+    """Writes land in their slot of vLLM's tensor (CPU: [block, head, offset, :D] keys, [.., D:]
+    values; flash: [0|1, block, offset, head]) and read back; other slots stay untouched."""
+    n_blocks = 3
+    kv = torch.zeros(n_blocks, HKV, BLOCK, 2 * D) if layout == "cpu" else torch.zeros(2, n_blocks, BLOCK, HKV, D)
+    store = PagedStore(kv, HKV, D)
+    slots = torch.tensor([5, 0, 11])
+    k, v = torch.randn(3, HKV, D), torch.randn(3, HKV, D)
+    store.write(slots, k, v)
+    got_k, got_v = store.read(slots)
+    assert torch.equal(got_k, k) and torch.equal(got_v, v)
+    if layout == "cpu":
+        assert torch.equal(kv[1, :, 1, :D], k[0]) and torch.equal(kv[1, :, 1, D:], v[0])
+    else:
+        assert torch.equal(kv[0, 1, 1], k[0]) and torch.equal(kv[1, 1, 1], v[0])
+    assert int((kv != 0).sum()) == 2 * k.numel()
+

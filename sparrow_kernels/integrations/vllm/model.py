@@ -48,6 +48,7 @@ class SparrowDraftBody(nn.Module):
                               cache_config=vllm_config.cache_config,
                               prefix=maybe_prefix(prefix, f"layers.{target_layers}.self_attn.attn"))
         self._store: PagedStore | None = None
+        self._store_source: torch.Tensor | None = None     # the kv_cache tensor _store views
 
     def store(self) -> PagedStore | None:
         """The draft's paged store over the cache vLLM bound to `attn` (None before binding)."""
