@@ -72,10 +72,13 @@ step env 60 bash -c "nvidia-smi; $PYTHON -c 'import torch, sys; print(sys.versio
 step build 300 $PYTHON setup.py build_ext --inplace
 step kernels_load 60 $PYTHON -c "
 import torch, sparrow_kernels
-from sparrow_kernels import backend
-ops = ['window_attn', 'gather_hidden', 'tree_verify_greedy', 'tree_verify_sample', 'kv_compact']
+from sparrow_kernels import backend, ops
 assert backend.cuda_kernels_built(), 'the C++ CUDA kernels are not registered'
-print({op: torch._C._dispatch_has_kernel_for_dispatch_key('sparrow::' + op, 'CUDA') for op in ops})
+missing = [op for op in backend.CPP_CUDA_REQUIRED if op not in ops.CPP_CUDA_OPS]
+assert not missing, f'no C++ CUDA kernel for {missing}'
+for op in ops.OP_NAMES:  # the backward: Triton's kernel, registered explicitly
+    assert torch._C._dispatch_has_kernel_for_dispatch_key('sparrow::' + op, 'CUDA'), op
+print('C++ CUDA kernels:', sorted(ops.CPP_CUDA_OPS), '- Triton on CUDA:', ops.TRITON_CUDA_OPS)
 "
 
 # --- GPU tests: the CUDA kernels' own tests first, then the shared op tests and the Triton tests

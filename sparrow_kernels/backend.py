@@ -52,6 +52,12 @@ def use_backend(name: str) -> Iterator[None]:
         _requested.reset(token)
 
 
+# The ops a build with CUDA must serve with C++ CUDA kernels (csrc/cuda/*.cu). The one op
+# left out, window_attn_backward, has no C++ CUDA kernel by design: its CUDA kernel is Triton's,
+# registered explicitly by ops.py.
+CPP_CUDA_REQUIRED = ("window_attn", "gather_hidden", "tree_verify_greedy", "tree_verify_sample", "kv_compact")
+TRITON_CUDA_BY_DESIGN = ("window_attn_backward",)
+
 # The ops whose CUDA kernel came from the C++ build, recorded by ops.py right after loading
 # _C and before Triton fills the gaps (after that the dispatcher alone cannot tell them apart).
 _cpp_cuda_ops: frozenset[str] | None = None
@@ -62,11 +68,23 @@ def record_cpp_cuda_ops(names) -> None:
     _cpp_cuda_ops = frozenset(names)
 
 
-def cuda_kernels_built() -> bool:
-    """True when the compiled extension registered C++ CUDA kernels for the sparrow ops."""
+def _cpp_cuda() -> frozenset[str]:
     if _cpp_cuda_ops is not None:
-        return "window_attn" in _cpp_cuda_ops
-    return torch._C._dispatch_has_kernel_for_dispatch_key("sparrow::window_attn", "CUDA")
+        return _cpp_cuda_ops
+    return frozenset(n for n in CPP_CUDA_REQUIRED
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"sparrow::{n}", "CUDA"))
+
+
+def cuda_kernels_built() -> bool:
+    """True when the compiled extension was built with CUDA (it registered C++ CUDA kernels)."""
+    return bool(_cpp_cuda())
+
+
+def missing_cuda_kernels() -> list[str]:
+    """The ops of a CUDA build that lack their C++ CUDA kernel (a broken build: an error, not a
+    fallback); empty for a complete CUDA build and for a CPU-only build."""
+    built = _cpp_cuda()
+    return [n for n in CPP_CUDA_REQUIRED if n not in built] if built else []
 
 
 @functools.cache
@@ -93,6 +111,10 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
         if not cuda_kernels_built():
             return ("backend 'cuda' needs the C++ CUDA kernels, but sparrow_kernels._C was built "
                     "without CUDA (rebuild with SPARROW_CUDA=1 pip install -e . --no-build-isolation)")
+        missing = missing_cuda_kernels()
+        if missing:
+            return (f"sparrow_kernels._C was built with CUDA but has no C++ CUDA kernel for {', '.join(missing)} "
+                    f"(an incomplete build; rebuild with SPARROW_CUDA=1 pip install -e . --no-build-isolation)")
         return None
     if name == "triton":
         if not triton_importable():

@@ -322,17 +322,47 @@ def _triton_kernel(name: str):
     return kernel
 
 
+def _missing_kernel(name: str, why: str):
+    def kernel(*args):
+        raise RuntimeError(f"{name}: no CUDA kernel: {why}")
+    kernel.__name__ = f"missing_cuda_{name}"
+    return kernel
+
+
+def cuda_kernel_plan(cpp_cuda_ops, triton_available: bool) -> dict[str, str]:
+    """What serves each op on CUDA tensors: 'cpp', 'triton' or 'missing' (an error when called).
+    A build with CUDA must have every op of backend.CPP_CUDA_REQUIRED in C++: one it lacks is
+    'missing', never quietly Triton; window_attn_backward is Triton's by design. A CPU-only
+    build (no C++ CUDA kernel at all) runs every op on Triton."""
+    cpp_cuda_ops = frozenset(cpp_cuda_ops)
+    if not cpp_cuda_ops:
+        return {n: "triton" if triton_available else "missing" for n in OP_NAMES}
+    plan = {n: "cpp" if n in cpp_cuda_ops else "missing" for n in _backend.CPP_CUDA_REQUIRED}
+    for n in _backend.TRITON_CUDA_BY_DESIGN:
+        plan[n] = "cpp" if n in cpp_cuda_ops else ("triton" if triton_available else "missing")
+    return plan
+
+
 def _register_triton_cuda_kernels(lib: torch.library.Library | None = None, force: bool = False) -> list[str]:
-    """Where the C++ CUDA build lacks an op, make Triton the op's CUDA kernel, so that
-    torch.ops.sparrow.* works on CUDA tensors with either build. Runs at import when CUDA
-    and triton are available (`force` for tests; `lib` ties the registrations' lifetime)."""
-    if not force and (not torch.cuda.is_available() or not _backend.triton_importable()):
+    """Register the non-C++ CUDA kernels of cuda_kernel_plan: Triton's where planned, an error
+    naming the cause where an op is missing. A CUDA build registers at import even without a
+    GPU (so the dispatcher shows every op); a CPU-only build only when CUDA and triton are
+    available (`force` for tests; `lib` ties the registrations' lifetime). Returns the names
+    given Triton kernels."""
+    triton_ok = _backend.triton_importable()
+    if not CPP_CUDA_OPS and not force and (not torch.cuda.is_available() or not triton_ok):
         return []
     registered = []
-    for name in OP_NAMES:
-        if name not in CPP_CUDA_OPS:
+    for name, what in cuda_kernel_plan(CPP_CUDA_OPS, triton_ok or force).items():
+        if what == "triton":
             torch.library.register_kernel(f"sparrow::{name}", "cuda", _triton_kernel(name), lib=lib)
             registered.append(name)
+        elif what == "missing":
+            why = ("its CUDA kernel is Triton's, and the triton package is not installed"
+                   if name in _backend.TRITON_CUDA_BY_DESIGN else
+                   "sparrow_kernels._C was built with CUDA but did not register this op's C++ CUDA kernel "
+                   "(an incomplete build; rebuild with SPARROW_CUDA=1 pip install -e . --no-build-isolation)")
+            torch.library.register_kernel(f"sparrow::{name}", "cuda", _missing_kernel(name, why), lib=lib)
     return registered
 
 

@@ -70,7 +70,7 @@ def _key_segments(first_min, last_max, kv_len, Tq, window, n_anchor,
     hi = tl.minimum(last_max + 1, prefix_end)
     if window > 0:
         lo = first_min
-        anchor_end = tl.maximum(tl.minimum(tl.minimum(n_anchor, lo), hi), 0)
+        anchor_end = tl.maximum(tl.minimum(tl.minimum(n_anchor, lo), hi), 0).to(tl.int32)  # i32 in both branches
     else:
         lo = first_min * 0
         anchor_end = first_min * 0

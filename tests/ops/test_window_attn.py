@@ -262,6 +262,35 @@ def test_low_precision_tolerance_rule_rejects_a_wrong_kernel(dtype):
         assert_within_low_precision_error("out", wrong, gold, low_ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=lambda d: str(d).replace("torch.", ""))
+def test_per_row_tolerance_rejects_dropping_one_key_of_many(dtype):
+    """Issue 17: with 40 keys, dropping one key changes its query's row by ~1/40 of a value,
+    which a tensor-wide maximum can hide under the other rows' rounding (a row with large
+    outputs sets the ulp term); the per-row rule catches it. Query 0 of 8 misses key 0 only."""
+    gen = torch.Generator().manual_seed(5)
+    B, H, Tq, Tk, D = 1, 1, 8, 40, 16
+    q = torch.randn(B, H, Tq, D, generator=gen).to(dtype)
+    k = torch.randn(B, H, Tk, D, generator=gen).to(dtype)
+    v = torch.randn(B, H, Tk, D, generator=gen)
+    v[:, :, 0] = v[:, :, 1:Tk - Tq + 1].mean(dim=2) + 2    # key 0 moves query 0's row by ~2/33
+    v[:, :, Tk - Tq + 1:] *= 2000                          # only the other rows see large values: big ulp term
+    v = v.to(dtype)
+    kv_len, q_pos = torch.tensor([Tk]), (Tk - Tq + torch.arange(Tq))[None]
+    gold, _ = reference.window_attn(q.double(), k.double(), v.double(), kv_len, q_pos, 0, 0, None, 0.0)
+    low_ref = window_attn_low_precision(q, k, v, kv_len, q_pos, 0, 0, None, 0.0)
+    right, _ = reference.window_attn(q, k, v, kv_len, q_pos, 0, 0, None, 0.0)
+    assert_within_low_precision_error("out", right, gold, low_ref, dtype)   # the rule accepts the reference
+    dropped = right.clone()
+    dropped[:, :, 0] = reference.window_attn(q, k, v, kv_len, q_pos, Tk - Tq, 0, None, 0.0)[0][:, :, 0]
+    assert (dropped[:, :, 0].double() - gold[:, :, 0]).abs().max() > 0     # key 0 really mattered
+    with pytest.raises(AssertionError, match=r"row 0 \(of 8, 1 failing\)"):
+        assert_within_low_precision_error("out", dropped, gold, low_ref, dtype)
+    # the tensor-wide rule this replaces would have passed it
+    err = (dropped.double() - gold).abs().max()
+    ref_err = (low_ref.double() - gold).abs().max()
+    assert err <= 2 * ref_err + torch.finfo(dtype).eps * (1 + gold.abs().max())
+
+
 def test_poisoned_outputs_reach_fresh_allocations_and_restore_the_mode():
     """The poisoning the tests rely on is real: fresh tensors start as NaN / max int."""
     was_on = torch.are_deterministic_algorithms_enabled()
