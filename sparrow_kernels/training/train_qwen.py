@@ -26,9 +26,9 @@ from ..data.narration import (NARRATION_PROMPTS, QUESTION_KINDS, SUMMARY_PROMPTS
 from ..data.world import World, heldout_world_seed
 from .train_target import WeightAverage, lr_at, set_threads
 
-HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "chat_template.jinja", "processor_config.json", "preprocessor_config.json",
-            "video_preprocessor_config.json", "special_tokens_map.json")
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
+                   "preprocessor_config.json", "video_preprocessor_config.json", "special_tokens_map.json")
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors") + PROCESSOR_FILES
 EVAL_PROMPT = NARRATION_PROMPTS[0]
 
 
@@ -274,9 +274,9 @@ def save_model_dir(directory: Path, model, tokenizer_dir: Path, optimizer=None, 
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(str(tmp), safe_serialization=True)
-    for f in tokenizer_dir.iterdir():
-        if f.is_file():
-            shutil.copy2(f, tmp / f.name)
+    for name in PROCESSOR_FILES:          # only these: the tokenizer dir may be a whole model dir
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, tmp / name)
     if optimizer is not None:
         torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / "train_state.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))

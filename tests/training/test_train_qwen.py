@@ -142,6 +142,7 @@ def test_train_resume_export_load(tmp_path):
         assert (export / name).is_file(), name
     assert not (export / "train_state.pt").exists()
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(export), local_files_only=True)
+    assert model.config.text_config.hidden_size == 32        # its own weights, not the tokenizer dir's model
     processor = AutoProcessor.from_pretrained(str(export), local_files_only=True)
     text = train_qwen.generate_answer(model, processor.tokenizer, World(1), "Describe the video.", 32, size=56,
                                       max_new_tokens=5)
