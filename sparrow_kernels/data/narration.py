@@ -41,6 +41,12 @@ def _time(t: float) -> str:
     return f"{r:g}"
 
 
+def _seconds(t: float) -> str:
+    """ "about {this}": "1 second", "3.5 seconds"."""
+    r = _time(t)
+    return f"{r} second" if r == "1" else f"{r} seconds"
+
+
 def _count(n: int, noun: str = "object") -> str:
     word = NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
     return f"{word} {noun}" + ("" if n == 1 else "s")
@@ -110,8 +116,9 @@ def _when(e: Event, prev: Event | None, rng: random.Random) -> str:
     t = _time(e.time)
     if prev is not None and e.time - prev.time < 1.2 and rng.random() < 0.5:
         return rng.choice(("Shortly after, ", "Right after that, ", "Moments later, ", "Soon after, "))
-    return rng.choice((f"At about {t} seconds, ", f"Around the {t} second mark, ", f"At roughly {t} seconds, ",
-                       f"About {t} seconds in, ", f"At around {t} seconds, "))
+    s = _seconds(e.time)
+    return rng.choice((f"At about {s}, ", f"Around the {t} second mark, ", f"At roughly {s}, ",
+                       f"About {s} in, ", f"At around {s}, "))
 
 
 def _event_clause(world: World, e: Event, rng: random.Random) -> str:
@@ -227,10 +234,10 @@ def summary(world: World, rng: random.Random | None = None) -> str:
         else:
             pieces.append(f"the {e.name} turns into {_article(e.value)} {e.value}")
     head = rng.choice((f"{_cap(_count(n))} move around a dark background",
-                       f"A clip of about {_time(world.duration)} seconds with {_count(n)} moving around",
+                       f"A clip of about {_seconds(world.duration)} with {_count(n)} moving around",
                        f"{_cap(_count(n, 'shape'))} move across the frame")) if n > 1 else \
         rng.choice(("One object moves around a dark background",
-                    f"A clip of about {_time(world.duration)} seconds with one object moving around"))
+                    f"A clip of about {_seconds(world.duration)} with one object moving around"))
     if not pieces:
         return head + rng.choice((", and nothing else changes.", " without any other change."))
     events = ", ".join(pieces[:-1]) + (f" and {pieces[-1]}" if len(pieces) > 1 else pieces[-1])
@@ -281,15 +288,15 @@ def question_color_at(world: World, rng: random.Random) -> QA | None:
     if ref is None:
         return None
     color = o.color_at(t)
-    q = rng.choice((f"What color is {ref} at about {_time(t)} seconds?",
-                    f"At around {_time(t)} seconds, what color is {ref}?",
-                    f"Which color does {ref} have at roughly {_time(t)} seconds?"))
-    a = rng.choice((f"At about {_time(t)} seconds, {ref} is {color}.", f"It is {color} at that point.",
+    q = rng.choice((f"What color is {ref} at about {_seconds(t)}?",
+                    f"At around {_seconds(t)}, what color is {ref}?",
+                    f"Which color does {ref} have at roughly {_seconds(t)}?"))
+    a = rng.choice((f"At about {_seconds(t)}, {ref} is {color}.", f"It is {color} at that point.",
                     f"{_cap(ref)} is {color} then."))
     if o.color_change is not None and rng.random() < 0.5:
         tc, new = o.color_change
-        a += (f" It turns {new} at about {_time(tc)} seconds." if tc > t else
-              f" It was {o.color} before about {_time(tc)} seconds.")
+        a += (f" It turns {new} at about {_seconds(tc)}." if tc > t else
+              f" It was {o.color} before about {_seconds(tc)}.")
     return QA("color_at", q, a, color)
 
 
@@ -309,9 +316,9 @@ def question_count(world: World, rng: random.Random) -> QA:
         times = _quiet_times(world, rng) or [world.duration / 2]
         t = rng.choice(times)
         n = world.count_at(t)
-        q = rng.choice((f"How many objects are visible at about {_time(t)} seconds?",
-                        f"At around {_time(t)} seconds, how many shapes are on screen?"))
-        where = f"at about {_time(t)} seconds"
+        q = rng.choice((f"How many objects are visible at about {_seconds(t)}?",
+                        f"At around {_seconds(t)}, how many shapes are on screen?"))
+        where = f"at about {_seconds(t)}"
     word = NUMBER_WORDS[n]
     a = rng.choice((f"There {'is' if n == 1 else 'are'} {_count(n)} {where}.", f"{_cap(word)}.",
                     f"I count {_count(n)} {where}."))
@@ -346,9 +353,9 @@ def question_order(world: World, rng: random.Random) -> QA | None:
                     f"What comes first, {_event_phrase(x, True)} or {_event_phrase(y, True)}?",
                     f"Does {_event_phrase(x, True)} happen before "
                     f"{_event_phrase(y, True)}?"))
-    a = rng.choice((f"{_cap(_event_phrase(first, True))} comes first, at about {_time(first.time)} seconds; "
-                    f"{_event_phrase(second, True)} follows at about {_time(second.time)} seconds.",
-                    f"First {_event_phrase(first, False)}, at about {_time(first.time)} seconds, and later "
+    a = rng.choice((f"{_cap(_event_phrase(first, True))} comes first, at about {_seconds(first.time)}; "
+                    f"{_event_phrase(second, True)} follows at about {_seconds(second.time)}.",
+                    f"First {_event_phrase(first, False)}, at about {_seconds(first.time)}, and later "
                     f"{_event_phrase(second, False)}.",
                     f"{_cap(_event_phrase(first, False))} first."))
     return QA("order", q, a, first.name)
@@ -366,11 +373,11 @@ def question_direction(world: World, rng: random.Random) -> QA | None:
     o = world.objects[i]
     seg = o.segment_at(t)
     ref = _reference(world, i, t)
-    q = rng.choice((f"Which way is {ref} moving at about {_time(t)} seconds?",
-                    f"In which direction does {ref} move around {_time(t)} seconds?",
-                    f"At roughly {_time(t)} seconds, where is {ref} heading?"))
+    q = rng.choice((f"Which way is {ref} moving at about {_seconds(t)}?",
+                    f"In which direction does {ref} move around {_seconds(t)}?",
+                    f"At roughly {_seconds(t)}, where is {ref} heading?"))
     a = rng.choice((f"It is moving {seg.direction}.", f"{_cap(ref)} is heading {seg.direction} at that time.",
-                    f"At about {_time(t)} seconds, {ref} moves {seg.direction}, {_manner(seg.speed, rng)}."))
+                    f"At about {_seconds(t)}, {ref} moves {seg.direction}, {_manner(seg.speed, rng)}."))
     return QA("direction", q, a, seg.direction)
 
 
