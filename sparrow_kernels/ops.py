@@ -372,16 +372,28 @@ TRITON_CUDA_OPS = _register_triton_cuda_kernels()
 
 
 # ----------------------------------------------------------------------------- Python front
+_CHECKS = {"window_attn": _check_window_attn, "window_attn_backward": _check_window_attn_backward,
+           "gather_hidden": _check_gather_hidden, "tree_verify_greedy": _check_tree_verify_greedy,
+           "tree_verify_sample": _check_tree_verify_sample, "kv_compact": _check_kv_compact}
+
+
+def _dispatch(op: str, device: torch.device, args: tuple, check_args: tuple | None = None):
+    """Run `op` on the selected backend: the C++ ops (cpu, cuda) validate in csrc/checks.h;
+    the Python backends (reference, triton) are validated here first (on `check_args`, the
+    caller's arguments as given, default `args`), with the same words."""
+    name = _backend.resolve(device)
+    if name in ("cpu", "cuda"):
+        return getattr(torch.ops.sparrow, op)(*args)
+    _CHECKS[op](*(args if check_args is None else check_args))
+    impl = _reference if name == "reference" else _triton()
+    return getattr(impl, op)(*args)
+
+
 def window_attn(q: Tensor, k: Tensor, v: Tensor, kv_len: Tensor, q_pos: Tensor, window: int = 0,
                 n_anchor: int = 0, tree_mask: Tensor | None = None, scale: float = 0.0) -> tuple[Tensor, Tensor]:
     """Text-anchored window attention (docs/ops.md): returns out [B, Hq, Tq, D] and
     lse [B, Hq, Tq] float32. Differentiable w.r.t. q, k, v on every backend."""
-    name = _backend.resolve(q.device)
-    if name in ("cpu", "cuda"):
-        return torch.ops.sparrow.window_attn(q, k, v, kv_len, q_pos, window, n_anchor, tree_mask, scale)
-    _check_window_attn(q, k, v, kv_len, q_pos, window, n_anchor, tree_mask, scale)
-    impl = _reference if name == "reference" else _triton()
-    return impl.window_attn(q, k, v, kv_len, q_pos, window, n_anchor, tree_mask, scale)
+    return _dispatch("window_attn", q.device, (q, k, v, kv_len, q_pos, window, n_anchor, tree_mask, scale))
 
 
 def window_attn_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -389,35 +401,19 @@ def window_attn_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                          tree_mask: Tensor | None = None, scale: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv of window_attn's out (dk, dv summed over each GQA group)."""
     args = (grad_out, q, k, v, out, lse, kv_len, q_pos, window, n_anchor, tree_mask, scale)
-    name = _backend.resolve(q.device)
-    if name in ("cpu", "cuda"):
-        return torch.ops.sparrow.window_attn_backward(*args)
-    _check_window_attn_backward(*args)
-    impl = _reference if name == "reference" else _triton()
-    return impl.window_attn_backward(*args)
+    return _dispatch("window_attn_backward", q.device, args)
 
 
 def gather_hidden(hidden: list[Tensor], index: Tensor) -> Tensor:
     """Gather rows `index [B, N]` (-1 = zeros) of every layer's `[B, T, H]` hidden states
     and concatenate along features: [B, N, n_layers * H]."""
-    name = _backend.resolve(index.device)
-    if name in ("cpu", "cuda"):
-        return torch.ops.sparrow.gather_hidden(list(hidden), index)
-    _check_gather_hidden(hidden, index)
-    impl = _reference if name == "reference" else _triton()
-    return impl.gather_hidden(list(hidden), index)
+    return _dispatch("gather_hidden", index.device, (list(hidden), index), check_args=(hidden, index))
 
 
 def tree_verify_greedy(candidates: Tensor, target_predict: Tensor, next_token: Tensor,
                        next_sibling: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Greedy tree acceptance: (accept_index [B, N], accept_len [B], bonus_token [B])."""
-    args = (candidates, target_predict, next_token, next_sibling)
-    name = _backend.resolve(candidates.device)
-    if name in ("cpu", "cuda"):
-        return torch.ops.sparrow.tree_verify_greedy(*args)
-    _check_tree_verify_greedy(*args)
-    impl = _reference if name == "reference" else _triton()
-    return impl.tree_verify_greedy(*args)
+    return _dispatch("tree_verify_greedy", candidates.device, (candidates, target_predict, next_token, next_sibling))
 
 
 def tree_verify_sample(candidates: Tensor, target_probs: Tensor, draft_probs: Tensor, next_token: Tensor,
@@ -426,12 +422,7 @@ def tree_verify_sample(candidates: Tensor, target_probs: Tensor, draft_probs: Te
     """Lossless stochastic tree acceptance with the caller's uniforms:
     (accept_index [B, N], accept_len [B], bonus_token [B])."""
     args = (candidates, target_probs, draft_probs, next_token, next_sibling, uniform_accept, uniform_final)
-    name = _backend.resolve(candidates.device)
-    if name in ("cpu", "cuda"):
-        return torch.ops.sparrow.tree_verify_sample(*args)
-    _check_tree_verify_sample(*args)
-    impl = _reference if name == "reference" else _triton()
-    accept_index, accept_len, bonus_token = impl.tree_verify_sample(*args)
+    accept_index, accept_len, bonus_token = _dispatch("tree_verify_sample", candidates.device, args)
     if _values_checkable(bonus_token) and bool((bonus_token < 0).any()):
         # Triton's kernel marks an all-zero residual with -1 (a kernel cannot raise); the CPU raises
         b = int((bonus_token < 0).nonzero()[0, 0])
@@ -444,11 +435,4 @@ def tree_verify_sample(candidates: Tensor, target_probs: Tensor, draft_probs: Te
 def kv_compact(kv: Tensor, prefix_len: Tensor, accept_index: Tensor, accept_len: Tensor) -> None:
     """In place: move the accepted nodes' slots of every layer of `kv [L, B, H, S, D]` to
     the slots right after each row's committed prefix."""
-    args = (kv, prefix_len, accept_index, accept_len)
-    name = _backend.resolve(kv.device)
-    if name in ("cpu", "cuda"):
-        torch.ops.sparrow.kv_compact(*args)
-        return
-    _check_kv_compact(*args)
-    impl = _reference if name == "reference" else _triton()
-    impl.kv_compact(*args)
+    _dispatch("kv_compact", kv.device, (kv, prefix_len, accept_index, accept_len))
