@@ -124,9 +124,16 @@ def _extension(with_cuda: bool):
         cxx_flags.append("-g0")  # Python's default -g triples compile time and .so size
     if werror:
         cxx_flags.append("-Werror")
+    sanitize = bool(_env_flag("SPARROW_SANITIZE"))
+    if sanitize:  # .ci/run's sanitizer job: AddressSanitizer + UBSan, CPU sources only, -O1 -g
+        if with_cuda:
+            sys.exit("setup.py: SPARROW_SANITIZE=1 builds the CPU sources only: set SPARROW_CUDA=0 too")
+        cxx_flags = [f for f in cxx_flags if f not in ("-O3", "-g0")] + [
+            "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+            "-fno-wrapv"]  # Python's CFLAGS carry -fwrapv, which hides signed overflow from UBSan
     # at::parallel_for runs its body serially unless the extension itself is built with OpenMP;
     # the libgomp.so.1 it links is the one torch has already loaded (same soname)
-    link_flags = []
+    link_flags = ["-fsanitize=address,undefined"] if sanitize else []
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
