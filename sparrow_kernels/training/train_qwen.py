@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-lr-ratio", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--vision-lr-scale", type=float, default=1.0,
+                   help="learning-rate multiplier of the vision tower and merger")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden-size", type=int, default=256)
@@ -228,6 +230,31 @@ def answer_loss(model, batch: dict) -> torch.Tensor:
                                              ignore_index=-100)
 
 
+def param_groups(model, args) -> list[dict]:
+    """AdamW groups: weight decay on matrices except embeddings; the vision tower (with its
+    merger) at `--vision-lr-scale` times the learning rate."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        visual = ".visual." in f".{name}"
+        decayed = p.dim() >= 2 and "embed" not in name
+        groups.setdefault((visual, decayed), []).append(p)
+    return [{"params": params, "weight_decay": args.weight_decay if decayed else 0.0,
+             "lr_scale": args.vision_lr_scale if visual else 1.0}
+            for (visual, decayed), params in sorted(groups.items())]
+
+
+@torch.no_grad()
+def video_dependence(model, batch: dict) -> float:
+    """How much the answers depend on the video: the answer loss with every row's video replaced by
+    the next row's, minus the true loss (0: the model ignores the video). Needs >= 2 rows of one
+    frame size and count (make_batch gives that)."""
+    rows = len(batch["video_grid_thw"])
+    swapped = dict(batch)
+    swapped["pixel_values_videos"] = batch["pixel_values_videos"].view(rows, -1, batch["pixel_values_videos"].shape[-1]) \
+        .roll(1, 0).flatten(0, 1)
+    return float(answer_loss(model, swapped) - answer_loss(model, batch))
+
+
 # ----------------------------------------------------------------------------- eval
 
 @torch.no_grad()
@@ -332,10 +359,7 @@ def main(argv=None) -> int:
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), do_sample=False, max_new_tokens=512)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.95))
     step = 0
     if args.resume and (last / "train_state.pt").is_file():
         state = torch.load(last / "train_state.pt", weights_only=True)
@@ -364,7 +388,7 @@ def main(argv=None) -> int:
     while step < args.steps:
         batch = make_batch(args.seed, step, args, tokenizer)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args, (time.time() - t_start) / 60)
+            group["lr"] = lr_at(step, args, (time.time() - t_start) / 60) * group["lr_scale"]
         loss = answer_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -393,6 +417,8 @@ def main(argv=None) -> int:
             t_ckpt = now
         if args.eval_videos > 0 and (now - t_eval > args.eval_minutes * 60 or finished):
             with (average.swapped_in(model) if average is not None else contextlib.nullcontext()):
+                model.eval()
+                dependence = video_dependence(model, make_batch(args.seed + 1, 10**6, args, tokenizer))
                 acc = {v: narration_accuracy(model, tokenizer, v, args.eval_videos, args.eval_first_video,
                                              args.eval_max_new_tokens)[0] for v in budgets}
                 mean = float(np.mean(list(acc.values())))
@@ -400,7 +426,9 @@ def main(argv=None) -> int:
                 if improved:
                     best_score = mean
                     save_model_dir(best_dir, model, tokenizer_dir, None, step, {"eval_mean": mean, "ema": args.ema})
+            model.train()
             record = {"step": step, "eval_narration_facts": {str(k): round(v, 4) for k, v in acc.items()},
+                      "video_dependence": round(dependence, 4),
                       "eval_mean": round(mean, 4), "best": improved, "minutes": round((time.time() - t_start) / 60, 2)}
             log.write(json.dumps(record) + "\n")
             log.flush()

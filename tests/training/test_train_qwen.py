@@ -104,6 +104,38 @@ def test_answer_loss_equals_the_stock_labels_loss(processor):
     torch.testing.assert_close(train_qwen.answer_loss(model, batch), model(**batch).loss, atol=1e-5, rtol=1e-5)
 
 
+def test_vision_tower_gets_its_own_learning_rate_scale(processor):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    args = train_qwen.parse_args(TINY + ["--vision-lr-scale", "4"])
+    model = Qwen2_5_VLForConditionalGeneration(train_qwen.build_config(args, processor.tokenizer))
+    groups = train_qwen.param_groups(model, args)
+    visual = {id(p) for p in model.model.visual.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for g in groups:
+        in_visual = {id(p) in visual for p in g["params"]}
+        assert len(in_visual) == 1
+        assert g["lr_scale"] == (4.0 if in_visual.pop() else 1.0)
+    embed = model.model.language_model.embed_tokens.weight
+    assert next(g for g in groups if any(p is embed for p in g["params"]))["weight_decay"] == 0.0
+
+
+def test_video_dependence_is_zero_when_videos_are_equal(processor):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    args = train_qwen.parse_args(TINY)
+    model = Qwen2_5_VLForConditionalGeneration(train_qwen.build_config(args, processor.tokenizer))
+    batch = train_qwen.make_batch(0, 1, args, processor.tokenizer)
+    rows = len(batch["video_grid_thw"])
+    assert rows >= 2
+    assert abs(train_qwen.video_dependence(model, batch)) > 1e-6      # a random model still sees the pixels
+    same = dict(batch)
+    first = batch["pixel_values_videos"].view(rows, -1, batch["pixel_values_videos"].shape[-1])[:1]
+    same["pixel_values_videos"] = first.expand(rows, -1, -1).flatten(0, 1)
+    assert train_qwen.video_dependence(model, same) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_stock_forward_learns_a_batch(processor):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -148,7 +180,7 @@ def test_train_resume_export_load(tmp_path):
                                       max_new_tokens=5)
     assert isinstance(text, str)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert any("eval_narration_facts" in r for r in log)
+    assert any("eval_narration_facts" in r and "video_dependence" in r for r in log)
 
 
 def test_unknown_target_kind_is_refused(capsys):
