@@ -59,6 +59,7 @@ def test_greedy_output_is_vllms_own_for_text_and_video(runs):
     base, spec = runs["baseline"], runs["sparrow"]
     lengths = spec["prompt_lengths"]
     assert min(lengths[2:]) > max(lengths[:2]) + 8, f"the video prompts hold visual tokens: {lengths}"
+    assert spec["max_entries_per_forward"] <= 40 < max(lengths), "the video prompts are prefilled in chunks"
     assert spec["outputs"] == base["outputs"]
     metrics = spec["metrics"]
     drafted = sum(metrics["vllm:spec_decode_num_draft_tokens"]) if isinstance(
@@ -72,5 +73,6 @@ def test_poisoned_visual_positions_leave_the_draft_unchanged(runs):
     spec = runs["sparrow"]
     assert spec["outputs_poisoned"] == spec["outputs_again"] == spec["outputs"]
     assert spec["draft_calls"][0] == spec["draft_calls"][1] > 0
+    assert spec["poisoned_positions"] == spec["visual_tokens"] > 0, "every visual position was poisoned"
     assert spec["proposals_equal"]
     assert spec["hidden_equal"] and spec["hidden_finite"]

@@ -20,6 +20,7 @@ def write_target(path, model_type="qwen2_5_vl", norm_name="model.language_model.
     """The parts of a Qwen2.5-VL checkpoint export reads: config.json and the final norm."""
     path.mkdir(parents=True)
     config = {"model_type": model_type, "image_token_id": 90, "video_token_id": 91, "vision_end_token_id": 89,
+              "vision_start_token_id": 88,
               "text_config": {"hidden_size": H, "vocab_size": V, "num_hidden_layers": LAYERS, "rms_norm_eps": 1e-5,
                               "max_position_embeddings": 2048}}
     (path / "config.json").write_text(json.dumps(config))
@@ -48,6 +49,7 @@ def test_export_writes_an_eagle3_draft_vllm_can_name(tmp_path):
     section = config["sparrow"]
     assert DraftConfig.from_dict(section["draft"]) == draft.config
     assert section["placeholder_token_ids"] == [90, 91] and section["text_after_visual_token_id"] == 89
+    assert section["run_start_token_id"] == 88
     assert section["target_rms_norm_eps"] == 1e-5
     weights = load_file(str(out / "model.safetensors"))
     assert set(weights) == {f"draft.{k}" for k in draft.state_dict()} | {"norm"}

@@ -15,7 +15,7 @@ from sparrow_kernels.integrations.vllm.paged_draft import PagedBatch, PagedStore
 
 V, H, HKV, D = 50, 32, 2, 8
 VISION_START, PAD, VISION_END = 40, 41, 42
-RULE = VisualRule(placeholder_ids=(PAD, 43), text_after_visual_id=VISION_END)
+RULE = VisualRule(placeholder_ids=(PAD, 43), text_after_visual_id=VISION_END, run_start_id=VISION_START)
 BLOCK = 4
 
 
@@ -38,15 +38,34 @@ def prompt(n_video: int, tail: int) -> torch.Tensor:
                       torch.tensor([VISION_END]), text[5:]])
 
 
-def engine_reference(draft, tokens, features, next_token):
-    """What the project's engine feeds the draft for one prompt: kept entries, then extend."""
+def engine_reference(draft, tokens, features, next_token, vllm_backup_at=()):
+    """What the project's engine feeds the draft for one prompt: kept entries, then extend.
+    `vllm_backup_at`: positions whose entry vLLM pairs with the prompt's last token instead
+    (the last entry of a partial prefill chunk), so that the same inputs are compared."""
     text_mask = ~torch.isin(tokens, torch.tensor(RULE.placeholder_ids))
     keep = kept_mask(text_mask[None], torch.tensor([tokens.numel()]), draft.config.visual_kv)
     order, count = kept_positions(keep)
     entry_pos, entry_tokens = open_entries(order, count, tokens[None], torch.tensor([next_token]))
+    for position in vllm_backup_at:
+        entry_tokens[entry_pos == position] = tokens[-1]
     cache = draft.new_cache(1, int(count) + 8)
     hidden = draft.extend(cache, entry_tokens, features[entry_pos[0]][None], count)
     return order[0], hidden[0], cache
+
+
+def proposer_inputs(prompt: torch.Tensor, next_token: int, a: int, b: int):
+    """What vLLM's proposer gives the draft for the prompt chunk [a, b): the shifted ids (the last
+    entry of a partial chunk gets the prompt's last token: vLLM's padded-batch backup token) and
+    `is_multimodal` of the shifted ids (by position; not set for a visual run that starts right
+    after the chunk, whose encoder output does not exist yet)."""
+    shifted = torch.cat([prompt[1:], torch.tensor([next_token])])[a:b].clone()
+    visual = torch.isin(prompt, torch.tensor(RULE.placeholder_ids))
+    is_mm = torch.cat([visual[1:], torch.tensor([False])])[a:b].clone()
+    if b < prompt.numel():
+        shifted[-1] = prompt[-1]
+        if bool(visual[b]) and not bool(visual[b - 1]):
+            is_mm[-1] = False
+    return shifted, is_mm
 
 
 class FakeVllm:
@@ -61,16 +80,21 @@ class FakeVllm:
         self.draft = draft
         self.lengths = [0] * n_requests
 
-    def forward(self, chunks: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    def forward(self, chunks: dict[int, tuple], chain_step: int = 0) -> dict[int, torch.Tensor]:
+        """chunks: request -> (shifted ids, features[, is_multimodal]). `chain_step` s >= 1: the
+        s-th chain step after the committed entries (vLLM counts it in seq_lens only for it)."""
         rows = sorted(chunks)
         tokens = torch.cat([chunks[r][0] for r in rows])
         features = torch.cat([chunks[r][1] for r in rows])
+        is_mm = torch.cat([chunks[r][2] for r in rows]) if len(chunks[rows[0]]) > 2 else None
         qsl = torch.tensor([0] + [chunks[r][0].numel() for r in rows]).cumsum(0)
-        for r in rows:
-            self.lengths[r] += chunks[r][0].numel()
-        batch = PagedBatch(qsl, torch.tensor([self.lengths[r] for r in rows]), self.block_table[rows], BLOCK)
-        rule = VisualRule(RULE.placeholder_ids, RULE.text_after_visual_id, keep_visual=self.draft.config.visual_kv)
-        hidden = draft_forward(self.draft, self.store, batch, tokens, features, rule)
+        if not chain_step:
+            for r in rows:
+                self.lengths[r] += chunks[r][0].numel()
+        batch = PagedBatch(qsl, torch.tensor([self.lengths[r] + chain_step for r in rows]), self.block_table[rows], BLOCK)
+        rule = VisualRule(RULE.placeholder_ids, RULE.text_after_visual_id, RULE.run_start_id,
+                          keep_visual=self.draft.config.visual_kv)
+        hidden = draft_forward(self.draft, self.store, batch, tokens, features, rule, is_mm)
         return {r: hidden[qsl[i]:qsl[i + 1]] for i, r in enumerate(rows)}
 
 
@@ -83,33 +107,36 @@ def test_chunked_prefill_and_chain_steps_match_the_engine(window, n_anchor, visu
     features = [torch.randn(p.numel(), H) for p in prompts]
     next_tokens = [7, 11]
     vllm = FakeVllm(draft, 2, 64, poison_visual=not visual_kv)
-    # the proposer's shift: entry i gets token i+1, the last entry the token just sampled
-    shifted = [torch.cat([p[1:], torch.tensor([t])]) for p, t in zip(prompts, next_tokens)]
-    cuts = [(0, 7, 12, prompts[0].numel()), (0, 4, prompts[1].numel())]   # chunk edges inside the video
+    # chunk edges: inside the video (0: 7, 12), right after <|vision_start|> (1: 6), in the text (1: 18)
+    cuts = [(0, 7, 12, prompts[0].numel()), (0, 6, 13, prompts[1].numel())]
     hidden = [[], []]
     for step in range(3):
         chunks = {}
         for r in range(2):
             if step + 1 < len(cuts[r]):
                 a, b = cuts[r][step], cuts[r][step + 1]
-                chunks[r] = (shifted[r][a:b], features[r][a:b])
+                chunks[r] = (*proposer_inputs(prompts[r], next_tokens[r], a, b)[:1], features[r][a:b],
+                             proposer_inputs(prompts[r], next_tokens[r], a, b)[1])
         for r, h in vllm.forward(chunks).items():
             hidden[r].append(h)
+    backups = [[b - 1 for b in cut[1:-1]] for cut in cuts]
     for r in range(2):
-        order, ref_hidden, ref_cache = engine_reference(draft, prompts[r], features[r], next_tokens[r])
-        got = torch.cat(hidden[r])[order[order >= 0]]
-        torch.testing.assert_close(got, ref_hidden, rtol=1e-5, atol=1e-5)
-        assert torch.isfinite(torch.cat(hidden[r])).all()
+        order, ref_hidden, _ = engine_reference(draft, prompts[r], features[r], next_tokens[r], backups[r])
+        all_hidden = torch.cat(hidden[r])
+        torch.testing.assert_close(all_hidden[order[order >= 0]], ref_hidden, rtol=1e-5, atol=1e-5)
+        visual = torch.isin(prompts[r], torch.tensor(RULE.placeholder_ids))
+        assert visual_kv or not bool(all_hidden[visual].any()), "no visual entry is drafted"
+        assert torch.isfinite(all_hidden).all()
 
     # two chain steps (vLLM's draft loop) == the engine's draft_step along one branch
     prev = {r: torch.cat(hidden[r])[-1:] for r in range(2)}
     ref_prev = {}
     caches = {}
     for r in range(2):
-        _, ref_hidden, caches[r] = engine_reference(draft, prompts[r], features[r], next_tokens[r])
+        _, ref_hidden, caches[r] = engine_reference(draft, prompts[r], features[r], next_tokens[r], backups[r])
         ref_prev[r] = ref_hidden[-1:]
     for depth, tokens in enumerate(([3, 4], [5, 6]), start=1):
-        out = vllm.forward({r: (torch.tensor([tokens[r]]), prev[r]) for r in range(2)})
+        out = vllm.forward({r: (torch.tensor([tokens[r]]), prev[r]) for r in range(2)}, chain_step=depth)
         for r in range(2):
             ref = draft.draft_step(caches[r], torch.tensor([[tokens[r]]]), ref_prev[r][None],
                                    torch.tensor([[depth]]), torch.ones(1, 1, depth, dtype=torch.bool))[0]
@@ -124,15 +151,34 @@ def test_poisoned_visual_positions_change_nothing():
     draft = make_draft(6, 3)
     p = prompt(12, 5)
     features = torch.randn(p.numel(), H)
-    shifted = torch.cat([p[1:], torch.tensor([9])])
     visual = torch.isin(p, torch.tensor(RULE.placeholder_ids))
     poisoned = torch.where(visual[:, None], 1e4 * torch.randn_like(features), features)
     outs = []
     for feats, poison in ((features, False), (poisoned, True)):
         vllm = FakeVllm(draft, 1, 64, poison_visual=poison)
-        h = torch.cat([vllm.forward({0: (shifted[a:b], feats[a:b])})[0] for a, b in ((0, 9), (9, p.numel()))])
-        outs.append(h[~visual])
+        h = []
+        for a, b in ((0, 6), (6, 9), (9, p.numel())):      # edges after <|vision_start|> and inside the video
+            shifted, is_mm = proposer_inputs(p, 9, a, b)
+            h.append(vllm.forward({0: (shifted, feats[a:b], is_mm)})[0])
+        outs.append(torch.cat(h)[~visual])
     assert torch.equal(outs[0], outs[1])
+
+
+@torch.no_grad()
+def test_chain_steps_after_a_chunk_that_stops_before_a_video_draft_nothing():
+    """vLLM runs its chain steps after a partial prefill chunk too, over the prompt's next
+    positions (and discards them): when those are visual, every step is skipped."""
+    draft = make_draft(6, 3)
+    p = prompt(8, 4)
+    vllm = FakeVllm(draft, 1, 64, poison_visual=True)
+    shifted, is_mm = proposer_inputs(p, 9, 0, 6)                      # ends at <|vision_start|>
+    vllm.forward({0: (shifted, torch.randn(6, H), is_mm)})
+    for step in range(2):                                               # positions 6, 7: video
+        out = vllm.forward({0: (torch.tensor([3 + step]), 1e4 * torch.randn(1, H))}, chain_step=step + 1)[0]
+        assert not bool(out.any())
+    shifted, is_mm = proposer_inputs(p, 9, 6, p.numel())               # the rest of the prompt
+    rest = vllm.forward({0: (shifted, torch.randn(p.numel() - 6, H), is_mm)})[0]
+    assert torch.isfinite(rest).all() and bool(rest[-1].any())
 
 
 def test_unknown_cache_layout_is_refused():

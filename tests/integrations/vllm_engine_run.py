@@ -17,16 +17,20 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # the engine in t
 
 import torch  # noqa: E402
 
-from sparrow_kernels.integrations.vllm.tiny import TEXT_PROMPT, VIDEO_PROMPT, random_video  # noqa: E402
+from sparrow_kernels.integrations.vllm.tiny import TEXT_PROMPT, random_video  # noqa: E402
 
 PROBE_ARCH = "SparrowDraftProbeEagle3"
+
+
+# video prompts with their question first, so that the probe tells them apart before their videos
+VIDEO_AFTER_TEXT = "<|im_start|>user\n{text}\n<|vision_start|><|video_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
 
 
 def requests():
     texts = ["describe the video", "a red ball rolls to the left", "what happens in the video", "then it stops"]
     batch = [{"prompt": TEXT_PROMPT.format(text=texts[0])}, {"prompt": TEXT_PROMPT.format(text=texts[1])}]
     for i, (text, frames) in enumerate(zip(texts[2:], (8, 4))):
-        batch.append({"prompt": VIDEO_PROMPT.format(text=text), "multi_modal_data": {"video": random_video(i, frames)}})
+        batch.append({"prompt": VIDEO_AFTER_TEXT.format(text=text), "multi_modal_data": {"video": random_video(i, frames)}})
     return batch
 
 
@@ -39,31 +43,54 @@ def make_probe():
 
     class SparrowDraftProbeEagle3(SparrowDraftEagle3):
         poison = False
+        poisoned_entries = 0
+        poisoned_positions: set = set()   # (prompt, index): chain steps of a partial prefill revisit some
         hidden: list = []
         proposals: list = []
 
+        prompts: list = []       # the batch's prompt token ids (from a clean run of the same batch)
+        candidates: dict = {}    # request (its first cache block) -> indices of the prompts it may be
+
         def _visual_entries(self, input_ids):
-            """Entries whose own token is visual (the previous entry's shifted token is), and slots."""
+            """Entries at a placeholder position of their prompt, and their slots. Kept apart from
+            the code under test: each row is matched to its prompt by the shifted ids of its first
+            chunk (entry j carries token j+1); prompts that share that chunk agree on it."""
             meta = get_forward_context().attn_metadata
             meta = meta[0] if isinstance(meta, list) else meta
             meta = meta.get(self.model.attn.layer_name) if isinstance(meta, dict) else meta
             if meta is None or self.model.store() is None:
                 return None, None
-            placeholders = torch.tensor(self.model.rule.placeholder_ids)
+            placeholders = set(self.model.rule.placeholder_ids)
             qsl, lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
             entries, slots = [], []
             bs = self.model.store().block_size
             for r in range(len(lens)):
-                for i in range(qsl[r] + 1, qsl[r + 1]):
-                    if int(input_ids[i - 1]) in placeholders.tolist():
-                        index = lens[r] - (qsl[r + 1] - i)
+                key = int(meta.block_table[r, 0])
+                first = lens[r] - (qsl[r + 1] - qsl[r])
+                if first == 0:                            # a new request in these blocks
+                    type(self).candidates[key] = list(range(len(self.prompts)))
+                chunk = [int(t) for t in input_ids[qsl[r]:qsl[r + 1] - 1]]   # the last may be vLLM's backup token
+                type(self).candidates[key] = [
+                    p for p in type(self).candidates[key]
+                    if all(first + 1 + k >= len(self.prompts[p]) or self.prompts[p][first + 1 + k] == t
+                           for k, t in enumerate(chunk))]
+                matches = [self.prompts[p] for p in type(self).candidates[key]]
+                assert matches, "a request of the probe's batch"
+                for i in range(qsl[r], qsl[r + 1]):
+                    index = first + i - qsl[r]
+                    visual = {index < len(ids) and ids[index] in placeholders for ids in matches}
+                    assert len(visual) == 1, "the candidate prompts agree on this position"
+                    if visual.pop():
+                        type(self).poisoned_positions.add((tuple(type(self).candidates[key]), index))
                         entries.append(i)
                         slots.append(int(meta.block_table[r, index // bs]) * bs + index % bs)
             return torch.tensor(entries, dtype=torch.long), torch.tensor(slots, dtype=torch.long)
 
         def forward(self, input_ids, positions, hidden_states, inputs_embeds=None):
-            entries, slots = self._visual_entries(input_ids) if self.poison else (None, None)
+            ids = input_ids if input_ids is not None or self._pending is None else self._pending[0]
+            entries, slots = self._visual_entries(ids) if self.poison and ids is not None else (None, None)
             if entries is not None and entries.numel():
+                type(self).poisoned_entries += entries.numel()
                 hidden_states = hidden_states.clone()
                 hidden_states[entries] = 1e3 * torch.randn_like(hidden_states[entries])
             normed, hidden = super().forward(input_ids, positions, hidden_states, inputs_embeds)
@@ -96,13 +123,15 @@ def main() -> None:
     parser.add_argument("--draft", help="an export-vllm directory; omitted: no speculation")
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--token-budget", type=int, default=40, help="vLLM max_num_batched_tokens")
     args = parser.parse_args()
 
     from vllm import LLM, ModelRegistry, SamplingParams
 
+    # a small token budget splits the video prompts' prefill into chunks whose edges fall inside the video
     kwargs = dict(model=args.target, dtype="float32", max_model_len=1024, enable_prefix_caching=False, seed=0,
                   gpu_memory_utilization=0.08, max_num_seqs=8, limit_mm_per_prompt={"video": 1, "image": 1},
-                  disable_log_stats=False)
+                  disable_log_stats=False, max_num_batched_tokens=args.token_budget)
     probe = None
     if args.draft:
         probe_dir = args.draft.rstrip("/") + "_probe"
@@ -131,6 +160,7 @@ def main() -> None:
         result["plugin_registered"] = ARCHITECTURE in ModelRegistry.get_supported_archs()
         result["metrics"] = spec_metrics(llm)
         # the first batch of a session schedules differently (warm-up); compare two later, equal batches
+        probe.prompts = [list(o.prompt_token_ids) for o in outputs]
         probe.hidden.clear()
         probe.proposals.clear()
         clean = llm.generate(batch, params, use_tqdm=False)
@@ -142,6 +172,11 @@ def main() -> None:
         poisoned = llm.generate(batch, params, use_tqdm=False)
         result["outputs_poisoned"] = [list(o.outputs[0].token_ids) for o in poisoned]
         result["draft_calls"] = [len(clean_hidden), len(probe.hidden)]
+        result["max_entries_per_forward"] = max(h.shape[0] for h in clean_hidden)
+        result["poisoned_entries"] = probe.poisoned_entries
+        result["poisoned_positions"] = len(probe.poisoned_positions)
+        placeholders = set(config["sparrow"]["placeholder_token_ids"])
+        result["visual_tokens"] = sum(t in placeholders for o in outputs for t in o.prompt_token_ids)
         result["proposals_equal"] = clean_proposals == probe.proposals
         result["hidden_equal"] = len(clean_hidden) == len(probe.hidden) and all(
             a.shape == b.shape and torch.equal(a, b) for a, b in zip(clean_hidden, probe.hidden))

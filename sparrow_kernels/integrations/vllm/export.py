@@ -61,10 +61,11 @@ def export_vllm(draft_dir: str | os.PathLike, target_dir: str | os.PathLike, out
     cfg = DraftConfig.from_dict(payload["config"])
     target = _read_json(target_dir / "config.json", "a Hugging Face Qwen2.5-VL checkpoint")
     text = target.get("text_config") or target
-    missing = [k for k in ("image_token_id", "video_token_id", "vision_end_token_id") if k not in target]
+    missing = [k for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+               if k not in target]
     if target.get("model_type") != "qwen2_5_vl" or missing:
         raise ValueError(f"export-vllm: the target must be a Qwen2.5-VL checkpoint (model_type qwen2_5_vl with "
-                         f"image/video/vision_end token ids); {target_dir} has model_type "
+                         f"image/video/vision start/end token ids); {target_dir} has model_type "
                          f"{target.get('model_type')!r}" + (f", lacks {missing}" if missing else ""))
     num_layers = int(text["num_hidden_layers"])
     if len(cfg.feature_layers) != 1:
@@ -118,6 +119,7 @@ def export_vllm(draft_dir: str | os.PathLike, target_dir: str | os.PathLike, out
             "draft": cfg.to_dict(),
             "placeholder_token_ids": [int(target["image_token_id"]), int(target["video_token_id"])],
             "text_after_visual_token_id": int(target["vision_end_token_id"]),
+            "run_start_token_id": int(target["vision_start_token_id"]),
             "target_rms_norm_eps": float(text.get("rms_norm_eps", 1e-6)),
             "training": payload.get("training", {}),
         },

@@ -37,7 +37,8 @@ class SparrowDraftBody(nn.Module):
                              "write the directory with `sparrow export-vllm`")
         self.draft_config = DraftConfig.from_dict(meta["draft"])
         cfg = self.draft_config
-        self.rule = visual_rule_for(cfg, meta["placeholder_token_ids"], meta["text_after_visual_token_id"])
+        self.rule = visual_rule_for(cfg, meta["placeholder_token_ids"], meta["text_after_visual_token_id"],
+                                    meta["run_start_token_id"])
         self.norm_eps = float(meta["target_rms_norm_eps"])
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
                                                    prefix=maybe_prefix(prefix, "embed_tokens"))
@@ -65,7 +66,14 @@ class SparrowDraftBody(nn.Module):
 
 class SparrowDraftEagle3(Eagle3LlamaForCausalLM):
     """A Sparrow draft for vLLM's EAGLE-3 path (chain drafting). Subclasses Eagle3LlamaForCausalLM
-    only because vLLM's proposer checks for it; none of its layers are built."""
+    only because vLLM's proposer checks for it; none of its layers are built.
+
+    It declares multimodal-embedding support so that the proposer hands `embed_input_ids` the
+    `is_multimodal` mask of the shifted ids (which positions of the prompt are visual, from the
+    prompt's placeholder ranges); the proposer then calls `forward` with those embeddings and no
+    ids, so `embed_input_ids` keeps the ids and the mask for the forward that follows it."""
+
+    supports_multimodal_embeddings = True
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         nn.Module.__init__(self)
@@ -82,8 +90,13 @@ class SparrowDraftEagle3(Eagle3LlamaForCausalLM):
         self.draft_id_to_target_id = None
         self.has_own_embed_tokens = False     # the proposer shares the target's embedding ...
         self.has_own_lm_head = False          # ... and LM head
+        self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None   # ids, is_multimodal
 
     def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, is_multimodal=None) -> torch.Tensor:
+        """The target's token embeddings (unused by the draft); keeps `input_ids` and
+        `is_multimodal` for the next forward. `multimodal_embeddings` are ignored: the draft never
+        reads a visual position."""
+        self._pending = (input_ids, None if is_multimodal is None else is_multimodal.to(input_ids.device))
         return self.model.embed_tokens(input_ids)
 
     def combine_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -94,11 +107,9 @@ class SparrowDraftEagle3(Eagle3LlamaForCausalLM):
         """Returns (the target's final norm of the draft hidden: for logits, the draft hidden: fed
         back in the next chain step), `[num_tokens, H]` each. `positions` is not used: the draft
         places its entries at their text index, which vLLM's positions (M-RoPE) do not give."""
-        if input_ids is None:
-            raise NotImplementedError(f"{ARCHITECTURE} takes token ids (it does not accept multimodal embeddings)")
         body = self.model
-        body.draft.frozen.embed_tokens = body.embed_tokens       # the target's, once the proposer shared it
-        out = torch.zeros(input_ids.shape[0], body.draft_config.hidden_size, dtype=hidden_states.dtype,
+        pending, self._pending = self._pending, None
+        out = torch.zeros(hidden_states.shape[0], body.draft_config.hidden_size, dtype=hidden_states.dtype,
                           device=hidden_states.device)
         meta = get_forward_context().attn_metadata
         if isinstance(meta, list):
@@ -108,8 +119,17 @@ class SparrowDraftEagle3(Eagle3LlamaForCausalLM):
         store = body.store()
         if meta is not None and store is not None:               # not a dummy / profiling run
             n = int(getattr(meta, "num_actual_tokens", meta.query_start_loc[-1]))
+            next_is_visual = None
+            if input_ids is None:              # the proposer embedded them just before this call
+                if pending is None or pending[0].shape[0] < n:
+                    raise RuntimeError(f"{ARCHITECTURE}: forward without token ids and without a preceding "
+                                       "embed_input_ids")
+                input_ids, next_is_visual = pending
+                next_is_visual = None if next_is_visual is None else next_is_visual[:n]
+            body.draft.frozen.embed_tokens = body.embed_tokens   # the target's, once the proposer shared it
             batch = PagedBatch(meta.query_start_loc, meta.seq_lens, meta.block_table, store.block_size)
-            out[:n] = draft_forward(body.draft, store, batch, input_ids[:n], hidden_states[:n], body.rule).to(out.dtype)
+            out[:n] = draft_forward(body.draft, store, batch, input_ids[:n], hidden_states[:n], body.rule,
+                                    next_is_visual).to(out.dtype)
         normed = out.float() * torch.rsqrt(out.float().pow(2).mean(-1, keepdim=True) + body.norm_eps)
         return (normed * body.norm.float()).to(out.dtype), out
 

@@ -23,11 +23,13 @@ class VisualRule:
     placeholder_ids: the token ids of visual positions (Qwen2.5-VL: <|image_pad|>, <|video_pad|>).
     text_after_visual_id: the token that always follows a visual run (<|vision_end|>); the kept
         position before a run pairs with it (the next kept token, as in draft_inputs.open_entries).
+    run_start_id: the token that always opens a visual run (<|vision_start|>).
     keep_visual: the visual-KV baseline (DraftConfig.visual_kv): every position is kept.
     """
 
     placeholder_ids: tuple[int, ...]
     text_after_visual_id: int
+    run_start_id: int
     keep_visual: bool = False
 
 
@@ -45,10 +47,10 @@ class PagedBatch:
 
 
 class PagedStore:
-    """The draft's K/V and one flag per vLLM cache slot. `visual_next[s]`: the token after the
-    entry in slot s is a visual position (entry s's own token, by the EAGLE shift); entry j is
-    visual iff `visual_next` of entry j-1 is set. Keys are stored rotated at the entry's text
-    index (RoPE of the draft cache slot the project's engine would give it)."""
+    """The draft's K/V and two flags per vLLM cache slot: `visual_next[s]`, the position after
+    the entry in slot s is a visual one (entry j is visual iff `visual_next` of entry j-1 is
+    set), and `opens_run_next[s]`, the token after it is `run_start_id`. Keys are stored rotated
+    at the entry's text index (RoPE of the draft cache slot the project's engine would use)."""
 
     def __init__(self, kv_cache: Tensor, num_kv_heads: int, head_dim: int):
         """`kv_cache`: the tensor vLLM allocated for the draft's attention layer. Layouts:
@@ -68,6 +70,7 @@ class PagedStore:
                              f"[2, blocks, block_size, {num_kv_heads}, {head_dim}]")
         self.block_size = block_size
         self.visual_next = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=kv_cache.device)
+        self.opens_run_next = torch.zeros_like(self.visual_next)
 
     def _where(self, slots: Tensor) -> tuple[Tensor, Tensor]:
         return slots // self.block_size, slots % self.block_size
@@ -108,15 +111,23 @@ def _next_text_tokens(tokens: Tensor, is_visual_token: Tensor, fallback: int) ->
 
 
 def draft_forward(draft: SparrowDraft, store: PagedStore, batch: PagedBatch, tokens: Tensor,
-                  features: Tensor, rule: VisualRule) -> Tensor:
+                  features: Tensor, rule: VisualRule, next_is_visual: Tensor | None = None) -> Tensor:
     """Commit this forward's entries and return the draft hidden `[N, H]` of each (zeros at
     visual entries, which nothing samples). tokens `[N]`: the shifted ids (entry i's token is
     position i+1's); features `[N, F]`: the target features of the entries' own positions (a
-    fed-back draft hidden in chain steps, F = H for the single-layer drafts exported here)."""
+    fed-back draft hidden in chain steps, F = H for the single-layer drafts exported here).
+    next_is_visual `[N]` bool: position i+1 is a visual position of the prompt (vLLM's
+    `is_multimodal` of the shifted ids, which it derives from the prompt's placeholder ranges,
+    not from `tokens`); None: chain steps, whose entries are followed by generated tokens (or,
+    after a partial prefill chunk whose next position is visual, are visual themselves).
+
+    vLLM pairs the last entry of a partial prefill chunk with a wrong token, and when a visual
+    run starts right after a chunk it cannot mark it yet; the flag of that entry is repaired from
+    the next chunk (the entry two back opened a run and the chunk's first entry is followed by a
+    visual position or by the run's end)."""
     n_entries = tokens.shape[0]
     device = features.device
     hidden_out = torch.zeros(n_entries, draft.config.hidden_size, dtype=draft.dtype, device=device)
-    placeholders = torch.tensor(rule.placeholder_ids, dtype=torch.long, device=device)
     tokens = tokens.long()
     rows = []   # (start, kept offsets, kept slots, committed text slots, kept tokens)
     qsl = batch.query_start_loc.tolist()
@@ -131,10 +142,21 @@ def draft_forward(draft: SparrowDraft, store: PagedStore, batch: PagedBatch, tok
         entries = torch.arange(total, device=device)
         slots = _slots(batch, r, entries)                                # [total]
         chunk = tokens[start:end]
-        visual_token = torch.isin(chunk, placeholders) if not rule.keep_visual else torch.zeros_like(chunk, dtype=torch.bool)
+        no_flag = torch.zeros_like(chunk, dtype=torch.bool)
+        visual_token = no_flag if rule.keep_visual or next_is_visual is None else next_is_visual[start:end].bool()
         store.visual_next[slots[first:]] = visual_token
+        store.opens_run_next[slots[first:]] = no_flag if rule.keep_visual else chunk == rule.run_start_id
+        if first >= 2 and not rule.keep_visual and bool(store.opens_run_next[slots[first - 2]]) and (
+                bool(visual_token[0]) or int(chunk[0]) == rule.text_after_visual_id):
+            store.visual_next[slots[first - 1]] = True                   # a run began at this chunk
         is_text = torch.ones(total, dtype=torch.bool, device=device)
-        is_text[1:] = ~store.visual_next[slots[:-1]]                     # entry j is visual iff token j is
+        is_text[1:] = ~store.visual_next[slots[:-1]]                     # entry j is visual iff position j is
+        if next_is_visual is None and not rule.keep_visual and (
+                not bool(is_text[first]) or (first >= 2 and bool(store.opens_run_next[slots[first - 2]]))):
+            # a chain step at a visual position: vLLM drafts on after a partial prefill chunk, over
+            # the prompt's next positions (and discards the proposals); a run may begin right there
+            store.visual_next[slots[first:]] = True
+            is_text[first:] = False
         kept_new = is_text[first:].nonzero().flatten()                   # offsets in the chunk
         if kept_new.numel() == 0:
             continue
@@ -170,9 +192,10 @@ def draft_forward(draft: SparrowDraft, store: PagedStore, batch: PagedBatch, tok
     return hidden_out
 
 
-def visual_rule_for(draft_config, placeholder_ids: Sequence[int], text_after_visual_id: int) -> VisualRule:
+def visual_rule_for(draft_config, placeholder_ids: Sequence[int], text_after_visual_id: int,
+                    run_start_id: int) -> VisualRule:
     """The rule a draft config asks for: text only (Sparrow) or every position (visual_kv)."""
-    return VisualRule(tuple(int(t) for t in placeholder_ids), int(text_after_visual_id),
+    return VisualRule(tuple(int(t) for t in placeholder_ids), int(text_after_visual_id), int(run_start_id),
                       keep_visual=bool(draft_config.visual_kv))
 
 
