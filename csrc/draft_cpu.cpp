@@ -4,11 +4,15 @@
 // costing more in dispatch than in arithmetic; here the same math runs as fused loops per row,
 // with at::mm only for the projections. The Python code is the spec (tests compare the two);
 // this file must not change what is drafted beyond float rounding, and it does not exist for
-// CUDA (a GPU amortises the same launches with CUDA graphs). fp32 only; validated in
-// sparrow_kernels/cpu_draft.py, which alone calls it (host-side asserts here are a backstop).
+// CUDA (a GPU amortises the same launches with CUDA graphs). fp32 only. cpu_draft.py alone
+// calls it, but the ops are public: each checks every argument (shapes against each other,
+// dtypes, devices, index ranges compared without adding) before it reads or writes anything.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
+
+#include "checks.h"
 
 #include <algorithm>
 #include <cmath>
@@ -45,27 +49,71 @@ struct Layer {
 constexpr const char* kWeightNames[] = {"table", "feature_fc", "fuse", "input_norm", "qkv", "o",
                                          "post_norm", "gate_up", "down", "final_norm", "lm_head"};
 
-at::Tensor weight(const c10::Dict<std::string, at::Tensor>& w, const char* name) {
-  TORCH_CHECK(w.contains(name), "sparrow_cpu: weights has no entry '", name, "'");
+const at::Device kCpu(at::kCPU);
+
+at::Tensor weight(const char* op, const c10::Dict<std::string, at::Tensor>& w, const char* name,
+                  const std::vector<DimSpec>& spec) {
+  TORCH_CHECK(w.contains(name), op, ": weights has no entry '", name, "'");
   const at::Tensor t = w.at(name);
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(),
-              "sparrow_cpu: weights['", name, "'] must be a contiguous float32 CPU tensor");
+  const std::string arg = std::string("weights['") + name + "']";
+  check_tensor(op, arg, t, spec, {at::kFloat}, kCpu);
+  TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous");
   return t;
 }
 
-Layer make_layer(const c10::Dict<std::string, at::Tensor>& w, double eps_feature, double eps_input, double eps_post,
-                 double eps_final, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double rope_theta,
-                 int64_t window, int64_t n_anchor) {
-  TORCH_CHECK(w.size() == std::size(kWeightNames), "sparrow_cpu: weights must hold exactly the entries table, "
+void check_eps(const char* op, const char* name, double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": ", name, " must be finite and >= 0, got ", eps);
+}
+
+// The layer's weights and hyper-parameters, every shape checked against the others: table
+// [V, H] fixes V and H, the cache's last dim fixes D (head_dim).
+Layer make_layer(const char* op, const c10::Dict<std::string, at::Tensor>& w, double eps_feature, double eps_input,
+                 double eps_post, double eps_final, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                 double rope_theta, int64_t window, int64_t n_anchor) {
+  TORCH_CHECK(w.size() == std::size(kWeightNames), op, ": weights must hold exactly the entries table, "
               "feature_fc, fuse, input_norm, qkv, o, post_norm, gate_up, down, final_norm, lm_head; got ", w.size());
-  const at::Tensor table = weight(w, "table");
-  Layer L{table, weight(w, "feature_fc"), weight(w, "fuse"), weight(w, "input_norm"), weight(w, "qkv"),
-          weight(w, "o"), weight(w, "post_norm"), weight(w, "gate_up"), weight(w, "down"), weight(w, "final_norm"),
-          weight(w, "lm_head"), eps_feature, eps_input, eps_post, eps_final, num_heads, num_kv_heads, head_dim,
-          table.size(1), table.size(0), window, n_anchor,
+  check_eps(op, "eps_feature", eps_feature);
+  check_eps(op, "eps_input", eps_input);
+  check_eps(op, "eps_post", eps_post);
+  check_eps(op, "eps_final", eps_final);
+  TORCH_CHECK(std::isfinite(rope_theta) && rope_theta > 0, op, ": rope_theta must be finite and > 0, got ",
+              rope_theta);
+  TORCH_CHECK(n_anchor >= 0, op, ": n_anchor must be >= 0, got ", n_anchor);
+  TORCH_CHECK(num_heads >= 1 && num_kv_heads >= 1 && num_heads % num_kv_heads == 0, op,
+              ": num_heads must be a positive multiple of num_kv_heads >= 1, got num_heads=", num_heads,
+              ", num_kv_heads=", num_kv_heads);
+  TORCH_CHECK(head_dim >= 2 && head_dim % 2 == 0, op, ": the cache's head dim (cache_k.size(3)) must be even "
+              "and >= 2, got ", head_dim);
+  int64_t heads_total = 0, qkv_width = 0, q_width = 0;
+  TORCH_CHECK(!c10::mul_overflows(num_kv_heads, int64_t{2}, &heads_total) &&
+                  !c10::add_overflows(heads_total, num_heads, &heads_total) &&
+                  !c10::mul_overflows(heads_total, head_dim, &qkv_width) &&
+                  !c10::mul_overflows(num_heads, head_dim, &q_width),
+              op, ": (num_heads + 2 num_kv_heads) * head_dim overflows int64 (num_heads=", num_heads,
+              ", num_kv_heads=", num_kv_heads, ", head_dim=", head_dim, ")");
+  const at::Tensor table = weight(op, w, "table", {{"V", kAnySize}, {"H", kAnySize}});
+  const int64_t V = table.size(0), H = table.size(1);
+  TORCH_CHECK(V >= 1 && H >= 1, op, ": weights['table'] must be [V, H] with V, H >= 1, got ",
+              format_sizes(table.sizes()));
+  const at::Tensor fuse_t = w.contains("fuse") ? w.at("fuse") : at::Tensor();
+  const bool fused = fuse_t.defined() && fuse_t.numel() != 0;
+  const at::Tensor gate_up = weight(op, w, "gate_up", {{"H", H}, {"2I", kAnySize}});
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, op, ": weights['gate_up'] must be [H, 2 I] (even width), got ",
+              format_sizes(gate_up.sizes()));
+  const int64_t I = gate_up.size(1) / 2;
+  Layer L{table,
+          weight(op, w, "feature_fc", {{"H", H}, {"H", H}}),
+          fused ? weight(op, w, "fuse", {{"F", kAnySize}, {"H", H}}) : weight(op, w, "fuse", {{"empty", 0}}),
+          weight(op, w, "input_norm", {{"H", H}}),
+          weight(op, w, "qkv", {{"H", H}, {"(num_heads + 2 num_kv_heads) head_dim", qkv_width}}),
+          weight(op, w, "o", {{"num_heads head_dim", q_width}, {"H", H}}),
+          weight(op, w, "post_norm", {{"H", H}}),
+          gate_up,
+          weight(op, w, "down", {{"I", I}, {"H", H}}),
+          weight(op, w, "final_norm", {{"H", H}}),
+          weight(op, w, "lm_head", {{"V", V}, {"H", H}}),
+          eps_feature, eps_input, eps_post, eps_final, num_heads, num_kv_heads, head_dim, H, V, window, n_anchor,
           static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim))), {}};
-  TORCH_CHECK(head_dim % 2 == 0 && num_heads % num_kv_heads == 0, "sparrow_cpu: bad head layout");
-  TORCH_CHECK(L.qkv.size(1) == (num_heads + 2 * num_kv_heads) * head_dim, "sparrow_cpu: qkv weight shape");
   L.inv_freq.resize(head_dim / 2);
   for (int64_t i = 0; i < head_dim / 2; ++i) {
     // as torch computes theta ** (-arange(0, D, 2) / D) in float32
@@ -73,6 +121,24 @@ Layer make_layer(const c10::Dict<std::string, at::Tensor>& w, double eps_feature
     L.inv_freq[i] = std::pow(static_cast<float>(rope_theta), exponent);
   }
   return L;
+}
+
+// cache_k / cache_v: contiguous float32 CPU [B, num_kv_heads, capacity, D] of the same shape.
+void check_cache(const char* op, const at::Tensor& cache_k, const at::Tensor& cache_v, int64_t B,
+                 int64_t num_kv_heads) {
+  check_tensor(op, "cache_k", cache_k, {{"B", B}, {"num_kv_heads", num_kv_heads}, {"capacity", kAnySize},
+                                        {"D", kAnySize}}, {at::kFloat}, kCpu);
+  check_tensor(op, "cache_v", cache_v, {{"B", B}, {"num_kv_heads", num_kv_heads}, {"capacity", cache_k.size(2)},
+                                        {"D", cache_k.size(3)}}, {at::kFloat}, kCpu);
+  TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous(), op, ": cache_k and cache_v must be contiguous");
+}
+
+// 0 <= lengths[b] <= capacity and `extra` more slots fit: extra <= capacity - lengths[b] (no addition).
+void check_room(const char* op, int64_t b, int64_t prefix, int64_t extra, int64_t capacity, const char* what) {
+  TORCH_CHECK(prefix >= 0 && prefix <= capacity, op, ": lengths[", b, "] must be in [0, capacity=", capacity,
+              "], got ", prefix);
+  TORCH_CHECK(extra <= capacity - prefix, op, ": row ", b, " has lengths[", b, "]=", prefix, " committed slots and ",
+              "needs ", extra, " more ", what, ", but the draft cache capacity is ", capacity);
 }
 
 // y[t] = x[t] / rms(x[t]) * weight (weight may be undefined = 1), rows of width H.
@@ -150,7 +216,8 @@ void attend(const Layer& L, const float* q, const float* k, const float* v, int6
         const float* vr = vb + slot * D;
         for (int64_t d = 0; d < D; ++d) acc[d] += p * vr[d];
       };
-      const int64_t prefix_end = qk.pos < 0 ? 0 : std::min(qk.prefix_len, qk.pos + 1);
+      // slots [0, min(prefix_len, pos + 1)), written without pos + 1 (pos may be any int64)
+      const int64_t prefix_end = qk.pos < 0 ? 0 : (qk.pos >= qk.prefix_len ? qk.prefix_len : qk.pos + 1);
       const int64_t anchor_end = std::min(L.n_anchor, prefix_end);
       const int64_t window_begin = (L.window > 0 && qk.pos >= L.window) ? qk.pos - L.window + 1 : 0;
       for (int64_t j = 0; j < anchor_end; ++j) visit(j);
@@ -250,20 +317,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& lengths, const at::Tensor& root_tokens, const at::Tensor& root_hidden, at::IntArrayRef widths,
     at::IntArrayRef counts, int64_t n_draft, double eps_feature, double eps_input, double eps_post, double eps_final,
     int64_t num_heads, int64_t num_kv_heads, double rope_theta, int64_t window, int64_t n_anchor) {
-  const Layer L = make_layer(weights, eps_feature, eps_input, eps_post, eps_final, num_heads, num_kv_heads,
+  const char* op = "sparrow_cpu.draft_tree";
+  check_tensor(op, "root_tokens", root_tokens, {{"B", kAnySize}}, {at::kLong}, kCpu);
+  const int64_t B = root_tokens.size(0);
+  check_cache(op, cache_k, cache_v, B, num_kv_heads);
+  const Layer L = make_layer(op, weights, eps_feature, eps_input, eps_post, eps_final, num_heads, num_kv_heads,
                              cache_k.size(3), rope_theta, window, n_anchor);
-  TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous() && cache_k.scalar_type() == at::kFloat,
-              "sparrow_cpu.draft_tree: the draft cache must be contiguous float32");
-  TORCH_CHECK(widths.size() == counts.size() && !widths.empty() && widths[0] == 1,
-              "sparrow_cpu.draft_tree: bad level shapes");
-  const int64_t B = root_tokens.size(0), H = L.H, capacity = cache_k.size(2);
+  const int64_t H = L.H, capacity = cache_k.size(2);
+  check_tensor(op, "lengths", lengths, {{"B", B}}, {at::kLong}, kCpu);
+  check_tensor(op, "root_hidden", root_hidden, {{"B", B}, {"H", H}}, {at::kFloat}, kCpu);
+  // levels: widths[0] = 1 (the root); level l expands widths[l] <= widths[l-1] * counts[l-1] of
+  // the previous level's candidates (all exist); counts[l] <= V children each (top-k of V)
+  TORCH_CHECK(widths.size() == counts.size() && !widths.empty() && widths[0] == 1, op,
+              ": widths and counts must have the same length >= 1 with widths[0] == 1, got widths ",
+              format_sizes(widths), ", counts ", format_sizes(counts));
   const int64_t levels = static_cast<int64_t>(widths.size());
   int64_t pool_size = 0, scratch = 0;
   for (int64_t l = 0; l < levels; ++l) {
-    pool_size += widths[l] * counts[l];
-    if (l > 0) scratch += widths[l];
+    TORCH_CHECK(counts[l] >= 1 && counts[l] <= L.V, op, ": counts[", l, "] must be in [1, V=", L.V, "], got ",
+                counts[l]);
+    TORCH_CHECK(widths[l] >= 1, op, ": widths[", l, "] must be >= 1, got ", widths[l]);
+    if (l > 0) {
+      int64_t prev_level = 0;     // candidates of level l - 1 (saturates: only bounds widths[l])
+      if (c10::mul_overflows(widths[l - 1], counts[l - 1], &prev_level)) prev_level = INT64_MAX;
+      TORCH_CHECK(widths[l] <= prev_level, op, ": widths[", l, "] must be <= widths[", l - 1, "] * counts[", l - 1,
+                  "] = ", prev_level, " (the candidates it expands), got ", widths[l]);
+      TORCH_CHECK(widths[l] <= capacity - scratch, op, ": the scratch nodes (sum of widths[1:]) exceed the draft ",
+                  "cache capacity ", capacity, " at widths[", l, "]=", widths[l]);
+      scratch += widths[l];
+    }
+    int64_t level_pool = 0;
+    TORCH_CHECK(!c10::mul_overflows(widths[l], counts[l], &level_pool) &&
+                    !c10::add_overflows(pool_size, level_pool, &pool_size),
+                op, ": the candidate pool (sum of widths * counts) overflows int64");
   }
-  TORCH_CHECK(n_draft >= 1 && n_draft <= pool_size, "sparrow_cpu.draft_tree: n_draft out of range");
+  TORCH_CHECK(n_draft >= 1 && n_draft <= pool_size, op, ": n_draft must be in [1, ", pool_size,
+              "] (the candidate pool), got ", n_draft);
+  {
+    const at::Tensor len_chk = lengths.contiguous();
+    const int64_t* len_p = len_chk.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) check_room(op, b, len_p[b], scratch, capacity, "scratch slots");
+  }
   const at::Tensor len_c = lengths.contiguous(), root_c = root_tokens.contiguous(),
                    rh_c = root_hidden.contiguous();
   const int64_t N = n_draft + 1;
@@ -274,9 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor tree_mask = at::zeros({B, N, N}, at::TensorOptions().dtype(at::kBool));
 
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t prefix = len_c.data_ptr<int64_t>()[b];
-    TORCH_CHECK(prefix + scratch <= capacity, "sparrow_cpu.draft_tree: row ", b, " needs ", prefix + scratch,
-                " draft cache slots, capacity ", capacity);
+    const int64_t prefix = len_c.data_ptr<int64_t>()[b];     // checked above: prefix + scratch <= capacity
     float* k_row = fptr(cache_k) + b * cache_k.stride(0);
     float* v_row = fptr(cache_v) + b * cache_v.stride(0);
     // the pool: every drafted candidate, level by level (root's children first)
@@ -372,7 +464,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       sc[i + 1] = pool_score[p];
       const int64_t parent_pool = pool_parent[p];
       par[i + 1] = parent_pool < 0 ? 0 : node_of_pool[parent_pool];
-      TORCH_CHECK(par[i + 1] >= 0, "sparrow_cpu.draft_tree: the kept nodes are not ancestor-closed");
+      TORCH_CHECK(par[i + 1] >= 0, op, ": the kept nodes are not ancestor-closed (NaN scores?)");
       dep[i + 1] = dep[par[i + 1]] + 1;
     }
     // layout: ancestor-or-self mask, first child, next sibling (by index)
@@ -403,19 +495,31 @@ at::Tensor draft_extend(const c10::Dict<std::string, at::Tensor>& weights, at::T
                         const at::Tensor& valid, double eps_feature, double eps_input, double eps_post,
                         double eps_final, int64_t num_heads, int64_t num_kv_heads, double rope_theta, int64_t window,
                         int64_t n_anchor) {
-  const Layer L = make_layer(weights, eps_feature, eps_input, eps_post, eps_final, num_heads, num_kv_heads,
+  const char* op = "sparrow_cpu.draft_extend";
+  check_tensor(op, "tokens", tokens, {{"B", kAnySize}, {"T", kAnySize}}, {at::kLong}, kCpu);
+  const int64_t B = tokens.size(0), T = tokens.size(1);
+  check_cache(op, cache_k, cache_v, B, num_kv_heads);
+  const Layer L = make_layer(op, weights, eps_feature, eps_input, eps_post, eps_final, num_heads, num_kv_heads,
                              cache_k.size(3), rope_theta, window, n_anchor);
-  TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous() && lengths.is_contiguous(),
-              "sparrow_cpu.draft_extend: the draft cache must be contiguous");
-  const int64_t B = tokens.size(0), T = tokens.size(1), H = L.H, capacity = cache_k.size(2);
+  const int64_t H = L.H, capacity = cache_k.size(2);
+  check_tensor(op, "lengths", lengths, {{"B", B}}, {at::kLong}, kCpu);
+  TORCH_CHECK(lengths.is_contiguous(), op, ": lengths must be contiguous (it is updated in place)");
+  const int64_t F = L.fuse.numel() ? L.fuse.size(0) : H;
+  check_tensor(op, "features", features, {{"B", B}, {"T", T}, {L.fuse.numel() ? "F" : "H", F}}, {at::kFloat}, kCpu);
+  check_tensor(op, "valid", valid, {{"B", B}}, {at::kLong}, kCpu);
   const at::Tensor tok_c = tokens.contiguous(), feat_c = features.contiguous(), valid_c = valid.contiguous();
+  {   // every row fits before any is written (no partial update on error)
+    const int64_t* len_p = lengths.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = std::min<int64_t>(std::max<int64_t>(valid_c.data_ptr<int64_t>()[b], 0), T);
+      check_room(op, b, len_p[b], n, capacity, "entries (valid[b], at most T)");
+    }
+  }
   at::Tensor out = at::zeros({B, T, H}, features.options());
   int64_t* len = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = std::min<int64_t>(std::max<int64_t>(valid_c.data_ptr<int64_t>()[b], 0), T);
-    const int64_t prefix = len[b];
-    TORCH_CHECK(prefix + n <= capacity, "sparrow_cpu.draft_extend: row ", b, " needs ", prefix + n,
-                " draft cache slots, capacity ", capacity);
+    const int64_t prefix = len[b];                                          // checked above: prefix + n <= capacity
     if (n == 0) continue;
     at::Tensor fused = feat_c[b].narrow(0, 0, n);                          // [n, F]
     fused = L.fuse.numel() ? at::mm(fused, L.fuse) : fused.contiguous();   // [n, H]

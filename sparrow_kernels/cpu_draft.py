@@ -118,6 +118,11 @@ class CompiledDraft:
             raise ValueError(f"cpu_draft: cache must be a DraftCache of batch {B} (from SparrowDraft.new_cache)")
         if not (cache.k.is_contiguous() and cache.v.is_contiguous()):
             raise ValueError("cpu_draft: the cache's k and v must be contiguous (as SparrowDraft.new_cache makes them)")
+        bad = (cache.lengths < 0) | (cache.lengths > cache.capacity)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"cpu_draft: cache.lengths[{b}] must be in [0, {cache.capacity}] (the capacity), "
+                             f"got {int(cache.lengths[b])}")
 
     def build_tree(self, cache: DraftCache, root_tokens: Tensor, root_hidden: Tensor) -> DraftTree:
         """`tree.build_tree` with top-k children through sparrow_cpu.draft_tree; leaves the
@@ -129,7 +134,7 @@ class CompiledDraft:
         self._check("root_hidden", root_hidden, (B, self.draft.config.hidden_size), torch.float32)
         self._check_cache(cache, B)
         scratch = len(self.scratch_depth)
-        if bool((cache.lengths + scratch > cache.capacity).any()):
+        if bool((cache.lengths > cache.capacity - scratch).any()):
             raise ValueError(f"build_tree: {scratch} scratch nodes after the committed slots exceed the draft "
                              f"cache capacity {cache.capacity} (max committed {int(cache.lengths.max())})")
         self.draft.reset_scratch(cache)
@@ -153,11 +158,12 @@ class CompiledDraft:
         self._check("features", features, (B, T, self.draft.config.feature_size), None)
         self._check("valid", valid, (B,), torch.int64)
         self._check_cache(cache, B)
-        new_lengths = cache.lengths + valid.clamp(0, T)
-        if bool((new_lengths > cache.capacity).any()):
-            b = int((new_lengths > cache.capacity).nonzero()[0, 0])
-            raise ValueError(f"SparrowDraft.extend: row {b} needs {int(new_lengths[b])} draft cache slots "
-                             f"but the cache capacity is {cache.capacity}")
+        n = valid.clamp(0, T)
+        over = cache.lengths > cache.capacity - n            # no addition: lengths in [0, capacity] here
+        if bool(over.any()):
+            b = int(over.nonzero()[0, 0])
+            raise ValueError(f"SparrowDraft.extend: row {b} needs {int(cache.lengths[b]) + int(n[b])} draft cache "
+                             f"slots but the cache capacity is {cache.capacity}")
         self.draft.reset_scratch(cache)
         lengths = cache.lengths.contiguous().clone()
         hidden = torch.ops.sparrow_cpu.draft_extend(self.weights, cache.k, cache.v, lengths, tokens,
