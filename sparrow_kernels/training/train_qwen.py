@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--vision-lr-scale", type=float, default=1.0,
                    help="learning-rate multiplier of the vision tower and merger")
+    p.add_argument("--visual-norm-weight", type=float, default=0.0,
+                   help="weight of a penalty keeping the visual tokens' mean norm at the text embeddings' (0: off)")
+    p.add_argument("--reinit-vision", action="store_true",
+                   help="with --init: fresh vision tower and merger weights (keeps the language model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden-size", type=int, default=256)
@@ -243,6 +247,36 @@ def param_groups(model, args) -> list[dict]:
             for (visual, decayed), params in sorted(groups.items())]
 
 
+def reinit_vision(model, seed: int = 0) -> None:
+    """Fresh stock-initialised weights for the vision tower and merger (a new model of the same
+    config supplies them); the language model keeps its weights."""
+    from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    fresh = Qwen2_5_VLForConditionalGeneration(model.config)
+    model.model.visual.load_state_dict(fresh.model.visual.state_dict())
+
+
+class VisualNormPenalty:
+    """`weight * log(mean visual-token norm / mean text-embedding norm)^2` for the visual tokens of the
+    last forward, read by a forward hook on the stock vision tower (no modeling code changed). Keeps
+    the visual embeddings at the text scale, where they cannot grow into one constant "sink" vector."""
+
+    def __init__(self, model, weight: float):
+        self.model, self.weight = model, weight
+        self.outputs: list[torch.Tensor] = []
+        model.model.visual.register_forward_hook(lambda module, args, out: self.outputs.append(out.pooler_output))
+
+    def take(self) -> torch.Tensor:
+        """The penalty of the visual tokens seen since the last call (0 when none)."""
+        outputs, self.outputs = self.outputs, []
+        if not outputs:
+            return torch.zeros(())
+        visual = torch.cat(outputs).norm(dim=-1).mean()
+        text = self.model.model.language_model.embed_tokens.weight.norm(dim=-1).mean().detach()
+        return self.weight * torch.log(visual / text) ** 2
+
+
 @torch.no_grad()
 def video_dependence(model, batch: dict) -> float:
     """How much the answers depend on the video: the answer loss with every row's video replaced by
@@ -352,6 +386,9 @@ def main(argv=None) -> int:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32,
                                                                    attn_implementation="sdpa", local_files_only=True)
         print(f"initialized from {args.init}", flush=True)
+        if args.reinit_vision:
+            reinit_vision(model, args.seed)
+            print("vision tower and merger re-initialised", flush=True)
     else:
         config = build_config(args, tokenizer)
         config._attn_implementation = "sdpa"
@@ -360,6 +397,7 @@ def main(argv=None) -> int:
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), do_sample=False, max_new_tokens=512)
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.95))
+    visual_norm = VisualNormPenalty(model, args.visual_norm_weight) if args.visual_norm_weight > 0 else None
     step = 0
     if args.resume and (last / "train_state.pt").is_file():
         state = torch.load(last / "train_state.pt", weights_only=True)
@@ -390,8 +428,9 @@ def main(argv=None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args, (time.time() - t_start) / 60) * group["lr_scale"]
         loss = answer_loss(model, batch)
+        total = loss + visual_norm.take() if visual_norm is not None else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1

@@ -136,6 +136,44 @@ def test_video_dependence_is_zero_when_videos_are_equal(processor):
     assert train_qwen.video_dependence(model, same) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_reinit_vision_keeps_the_language_model(processor):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(5)
+    model = Qwen2_5_VLForConditionalGeneration(train_qwen.build_config(train_qwen.parse_args(TINY), processor.tokenizer))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_qwen.reinit_vision(model, seed=1)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".visual." in f".{k}" for k in changed)
+    assert any("merger" in k for k in changed) and any("patch_embed" in k for k in changed)
+
+
+def test_visual_norm_penalty_pulls_visual_tokens_to_text_scale(processor):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    args = train_qwen.parse_args(TINY)
+    model = Qwen2_5_VLForConditionalGeneration(train_qwen.build_config(args, processor.tokenizer))
+    with torch.no_grad():
+        model.model.visual.merger.mlp[2].bias.add_(5.0)              # visual tokens far above the text scale
+    penalty = train_qwen.VisualNormPenalty(model, weight=1.0)
+    batch = train_qwen.make_batch(0, 2, args, processor.tokenizer)
+    train_qwen.answer_loss(model, batch)
+    value = penalty.take()
+    visual = model.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"]).pooler_output
+    penalty.take()                                                   # the get_video_features call above
+    text = model.model.language_model.embed_tokens.weight.norm(dim=-1).mean()
+    torch.testing.assert_close(value, torch.log(torch.cat(list(visual)).norm(dim=-1).mean() / text) ** 2)
+    assert value > 1.0
+    value.backward()
+    assert model.model.visual.merger.mlp[2].bias.grad.abs().sum() > 0
+    assert float(penalty.take()) == 0.0                              # nothing seen since
+
+
 def test_stock_forward_learns_a_batch(processor):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
