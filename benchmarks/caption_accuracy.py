@@ -57,7 +57,7 @@ def per_kind_hits(text: str, world: VideoWorld) -> dict[str, list[int]]:
 def timed_greedy(target: TinyVLMTarget, prompts, max_new_tokens: int):
     """Greedy decoding (the library's one plain decoder, autoregressive_generate), timing
     prefill and decode apart. Returns (token lists, prefill seconds, decode seconds, decode steps)."""
-    from sparrow_kernels.engine import autoregressive_generate
+    from sparrow_kernels.speculative.engine import autoregressive_generate
 
     result = autoregressive_generate(target, prompts, max_new_tokens)
     stats = result.stats

@@ -71,14 +71,14 @@ def parse_args(argv=None):
 
 def tree_settings(args, device):
     """The library's tree preset for the device (tree.TreeShape.for_device) with the options given."""
-    from sparrow_kernels.tree import TreeShape
+    from sparrow_kernels.speculative.tree import TreeShape
 
     options = {key: getattr(args, key) for key in ("total_tokens", "depth", "top_k")}
     return TreeShape.for_device(device).replace(**options)
 
 
 def load_drafts(args, target):
-    from sparrow_kernels.draft import SparrowDraft, committed_draft_dir
+    from sparrow_kernels.speculative.draft import SparrowDraft, committed_draft_dir
 
     specs = dict(s.split("=", 1) for s in args.draft)
     if not specs:
@@ -169,7 +169,7 @@ def run_setting(target, drafts, tree, prompt, max_new, temperature, seed, repeat
     (the usual guard against a noisy shared machine); its prefill is the target's one measured
     prefill plus the method's own draft prompt pass. Returns per-method stats dicts and the
     equality check against autoregressive decoding."""
-    from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
+    from sparrow_kernels.speculative.engine import SparrowGenerator, autoregressive_generate
     from sparrow_kernels.targets.decoding import kv_capacity
 
     layers = sorted({l for d in drafts.values() for l in d.config.target_layers})
@@ -360,7 +360,7 @@ def main(argv=None):
     tree = tree_settings(args, device)
     main_drafts = {n: d for n, d in drafts.items() if n in METHODS or not args.ablations}
     if args.python_draft:
-        from sparrow_kernels.draft import DEFAULT_DRAFT
+        from sparrow_kernels.speculative.draft import DEFAULT_DRAFT
 
         name = DEFAULT_DRAFT if DEFAULT_DRAFT in main_drafts else next(iter(main_drafts))
         main_drafts[name + PYTHON_SUFFIX] = main_drafts[name]

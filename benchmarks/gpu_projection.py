@@ -125,7 +125,7 @@ def synthetic_state(target, kind: str, length: int):
 
 def random_tree(nodes: int, device):
     """A bushy tree of `nodes` nodes (each node has up to 4 children, breadth first)."""
-    from sparrow_kernels.tree import tree_layout
+    from sparrow_kernels.speculative.tree import tree_layout
 
     parents = torch.tensor([[-1] + [(i - 1) // 4 for i in range(1, nodes)]], device=device)
     depth, tree_mask, _, _ = tree_layout(parents)
@@ -133,7 +133,7 @@ def random_tree(nodes: int, device):
 
 
 def make_draft(target, visual_kv: bool):
-    from sparrow_kernels.draft import DraftConfig, SparrowDraft
+    from sparrow_kernels.speculative.draft import DraftConfig, SparrowDraft
 
     L = target.num_layers
     text = target.model.config.text_config
@@ -150,7 +150,7 @@ def make_draft(target, visual_kv: bool):
 def time_draft_phase(draft, entries: int, tree, accepted: int, device) -> float:
     """ms of one draft phase: build_tree from a cache of `entries` committed entries, then the
     extend of `accepted` entries after verification (the cache is reset between calls)."""
-    from sparrow_kernels.tree import build_tree
+    from sparrow_kernels.speculative.tree import build_tree
 
     nodes, scratch = tree.size(draft.config.vocab_size)
     cache = draft.new_cache(1, entries + accepted + scratch + 1)
@@ -174,8 +174,8 @@ def measure_tau(lengths, tree, device, videos: int, tokens: int) -> dict:
     """Greedy tau of the committed sparrow / visual_kv drafts on the tiny video LM with this tree."""
     sys.path.insert(0, str(HERE))
     from e2e import video_prompt
-    from sparrow_kernels.draft import SparrowDraft, committed_draft_dir
-    from sparrow_kernels.engine import SparrowGenerator
+    from sparrow_kernels.speculative.draft import SparrowDraft, committed_draft_dir
+    from sparrow_kernels.speculative.engine import SparrowGenerator
     from sparrow_kernels.targets.tinyvlm import TinyVLMTarget
 
     target = TinyVLMTarget.load(device=device)
@@ -195,7 +195,7 @@ def measure_tau(lengths, tree, device, videos: int, tokens: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sparrow_kernels.tree import TreeShape
+    from sparrow_kernels.speculative.tree import TreeShape
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 import sparrow_kernels
-from sparrow_kernels import ops, reference
+from sparrow_kernels import ops
+from sparrow_kernels.ops import reference
 
 OPS = ("window_attn", "gather_hidden", "tree_verify_greedy", "tree_verify_sample", "kv_compact")
 
@@ -223,7 +224,7 @@ def _rows(op, case, times, nbytes, bw):
 
 def random_linked_tree(B, N, gen):
     """Random tree in linked-list layout with node 0 the root."""
-    from sparrow_kernels.tree import tree_layout
+    from sparrow_kernels.speculative.tree import tree_layout
 
     parents = torch.tensor([[-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, N)]
                             for _ in range(B)], dtype=torch.int64)

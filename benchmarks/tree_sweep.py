@@ -40,11 +40,11 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from e2e import PrefillOnce, video_prompt
-    from sparrow_kernels.draft import DEFAULT_DRAFT, SparrowDraft, committed_draft_dir
-    from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
-    from sparrow_kernels.targets.tinyvlm import TinyVLMTarget
+    from sparrow_kernels.speculative.draft import DEFAULT_DRAFT, SparrowDraft, committed_draft_dir
+    from sparrow_kernels.speculative.engine import SparrowGenerator, autoregressive_generate
+    from sparrow_kernels.speculative.tree import TreeShape
     from sparrow_kernels.targets.decoding import kv_capacity
-    from sparrow_kernels.tree import TreeShape
+    from sparrow_kernels.targets.tinyvlm import TinyVLMTarget
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

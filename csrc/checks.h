@@ -1,5 +1,5 @@
 // Input validation shared by the CPU (csrc/*.cpp) and CUDA (csrc/cuda/*.cu) kernels, so both
-// raise the same RuntimeError text (and the same text as sparrow_kernels/ops.py for the Python
+// raise the same RuntimeError text (and the same text as sparrow_kernels/ops/__init__.py for the Python
 // backends). One check_<op>_inputs per op. Host code only: it computes nothing and must not
 // launch kernels. Checks that read tensor *values* (index ranges, kv_len) run for CPU tensors
 // only (no device sync); CUDA kernels must treat out-of-range values safely (skip, never read

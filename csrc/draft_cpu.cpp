@@ -1,4 +1,4 @@
-// CPU fast path of the draft phase: sparrow_cpu::draft_tree (sparrow_kernels/tree.py build_tree
+// CPU fast path of the draft phase: sparrow_cpu::draft_tree (sparrow_kernels/speculative/tree.py build_tree
 // with top-k children, over the SparrowDraft layer) and sparrow_cpu::draft_extend
 // (SparrowDraft.extend for a few entries). On a CPU a draft step is ~100 tiny tensor ops, each
 // costing more in dispatch than in arithmetic; here the same math runs as fused loops per row,

@@ -16,7 +16,7 @@ def _check_build_matches_torch() -> None:
     try:
         info = importlib.import_module("sparrow_kernels._build_info")
     except ImportError:
-        return  # not built yet: ops.py raises the ImportError that says how to build
+        return  # not built yet: ops/__init__.py raises the ImportError that says how to build
     built = str(getattr(info, "TORCH_VERSION", "") or "")
     running = torch.__version__
     if built and built.split("+")[0].split(".")[:2] != running.split("+")[0].split(".")[:2]:
@@ -27,14 +27,14 @@ def _check_build_matches_torch() -> None:
 
 _check_build_matches_torch()
 
-from . import backend, ops, reference  # noqa: E402  (loads _C and registers fake/autograd impls)
-from .backend import BACKENDS, use_backend  # noqa: E402
+from . import ops  # noqa: E402  (loads _C and registers fake/autograd impls)
 from .ops import gather_hidden, kv_compact, tree_verify_greedy, tree_verify_sample, window_attn  # noqa: E402
+from .ops.backend import BACKENDS, use_backend  # noqa: E402
 from .targets.hf_register import register_when_transformers_loads  # noqa: E402
 
 register_when_transformers_loads()  # attn_implementation="sparrow" once transformers' modeling code loads
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "backend", "gather_hidden", "kv_compact", "ops", "reference", "tree_verify_greedy",
+__all__ = ["BACKENDS", "gather_hidden", "kv_compact", "ops", "tree_verify_greedy",
            "tree_verify_sample", "use_backend", "window_attn"]

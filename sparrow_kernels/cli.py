@@ -52,10 +52,10 @@ def _device(name: str):
 
 
 def _threads(args, device) -> str:
-    """Pick the CPU threads (sparrow_kernels.threads, the rule train-target uses); a header note."""
+    """Pick the CPU threads (sparrow_kernels.ops.threads, the rule train-target uses); a header note."""
     if device.type != "cpu":
         return ""
-    from sparrow_kernels.threads import pick_threads
+    from sparrow_kernels.ops.threads import pick_threads
 
     count, why = pick_threads(args.threads)
     return f", {count} thread{'s' if count > 1 else ''} ({why})"
@@ -76,7 +76,7 @@ def _load_target(spec, device):
 
 
 def _load_draft(path, target):
-    from sparrow_kernels.draft import SparrowDraft, committed_draft_dir
+    from sparrow_kernels.speculative.draft import SparrowDraft, committed_draft_dir
 
     path = path or committed_draft_dir()
     try:
@@ -92,7 +92,7 @@ def _load_draft(path, target):
 
 def _tree(args, device):
     """The device's tree preset (tree.TreeShape.for_device) with the --total-tokens/--depth/--top-k given."""
-    from sparrow_kernels.tree import TreeShape
+    from sparrow_kernels.speculative.tree import TreeShape
 
     try:
         return TreeShape.for_device(device).replace(
@@ -177,7 +177,7 @@ def cmd_demo(args) -> int:
     import torch
 
     from sparrow_kernels.data.synthetic import VideoWorld, heldout_seed
-    from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
+    from sparrow_kernels.speculative.engine import SparrowGenerator, autoregressive_generate
 
     torch.manual_seed(0)
     device = _device(args.device)
@@ -241,8 +241,8 @@ def cmd_demo(args) -> int:
 def cmd_generate(args) -> int:
     import warnings
 
-    from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
-    from sparrow_kernels.video_io import VideoTooLargeError, probe_video, read_video
+    from sparrow_kernels.data.video_io import VideoTooLargeError, probe_video, read_video
+    from sparrow_kernels.speculative.engine import SparrowGenerator, autoregressive_generate
 
     if not args.prompt.strip():
         raise UserError("--prompt is empty; ask something about the video, e.g. --prompt \"describe the video\"")

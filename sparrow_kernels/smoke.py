@@ -10,7 +10,8 @@ import torch
 
 def check_ops() -> None:
     import sparrow_kernels
-    from sparrow_kernels import ops, reference
+    from sparrow_kernels import ops
+    from sparrow_kernels.ops import reference
 
     g = torch.Generator().manual_seed(0)
     B, Hq, Hkv, Tq, Tk, D = 2, 4, 2, 3, 40, 32

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import sparrow_kernels  # noqa: E402
-from sparrow_kernels import backend as sparrow_backend  # noqa: E402
+from sparrow_kernels.ops import backend as sparrow_backend  # noqa: E402
 
 settings.register_profile("default", deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

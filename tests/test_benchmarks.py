@@ -39,7 +39,7 @@ def test_e2e_quick_run_writes_results(tmp_path):
 def test_e2e_runs_on_an_hf_checkpoint_directory(tmp_path):
     """`--target DIR --draft NAME=DIR`: a tiny random Qwen2.5-VL saved like a real checkpoint
     and a random draft for it; the study runs and stays lossless."""
-    from sparrow_kernels.draft import DraftConfig, SparrowDraft
+    from sparrow_kernels.speculative.draft import DraftConfig, SparrowDraft
     from sparrow_kernels.targets import load_target
     from sparrow_kernels.targets.hf_qwen import QwenVLTarget
 
@@ -114,7 +114,7 @@ def test_hf_attention_benchmark_code_path(tmp_path):
 def test_e2e_attn_implementation_flag(tmp_path):
     """`--attn-implementation sdpa` loads an HF checkpoint with that implementation (an A/B run of
     the adapters' default "sparrow") and stays lossless; the tiny LM refuses the flag."""
-    from sparrow_kernels.draft import DraftConfig, SparrowDraft
+    from sparrow_kernels.speculative.draft import DraftConfig, SparrowDraft
     from sparrow_kernels.targets.hf_llava import LlavaOneVisionTarget
 
     target_dir, draft_dir = tmp_path / "llava", tmp_path / "draft"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sparrow_kernels import cli
-from sparrow_kernels.draft import committed_draft_dir
+from sparrow_kernels.speculative.draft import committed_draft_dir
 from sparrow_kernels.targets.tinyvlm import DEFAULT_CHECKPOINT
 
 av = pytest.importorskip("av")
@@ -274,7 +274,7 @@ def test_demo_reports_rounds_spread_and_what_identical_means(capsys):
 
 
 def test_demo_exit_1_when_outputs_differ(capsys, monkeypatch):
-    import sparrow_kernels.engine as engine
+    import sparrow_kernels.speculative.engine as engine
 
     real = engine.autoregressive_generate
 
@@ -289,7 +289,7 @@ def test_demo_exit_1_when_outputs_differ(capsys, monkeypatch):
 
 
 def test_interrupt_exits_130(capsys, monkeypatch, clip):
-    import sparrow_kernels.video_io as video_io
+    import sparrow_kernels.data.video_io as video_io
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -317,7 +317,7 @@ def test_train_draft_help_ends_its_sentence(capsys):
 
 
 def test_video_over_the_memory_budget_names_the_cli_options(capsys, monkeypatch, clip):
-    import sparrow_kernels.video_io as video_io
+    import sparrow_kernels.data.video_io as video_io
 
     monkeypatch.setattr(video_io, "available_memory_bytes", lambda: 3 * 32 * 32 * 3)
     code, _, err = run(["generate", "--video", str(clip), "--prompt", "describe the video", "--device", "cpu"],

@@ -1,7 +1,7 @@
 """Triton kernels for `window_attn`: fused forward (prefill, draft tree, split-KV decode) and
 fused backward (dq, dk, dv), plus the autograd.Function that ties them together.
 
-Semantics are docs/ops.md's (the reference in sparrow_kernels/reference.py is the spec).
+Semantics are docs/ops.md's (the reference in sparrow_kernels/ops/reference.py is the spec).
 Input validation belongs to the ops front; this module only guards what would make a
 kernel read out of bounds, and must not import the C++ extension.
 

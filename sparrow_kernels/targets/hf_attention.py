@@ -22,7 +22,8 @@ from transformers.masking_utils import (
 )
 from transformers.modeling_utils import AttentionInterface
 
-from sparrow_kernels import backend, ops
+from sparrow_kernels import ops
+from sparrow_kernels.ops import backend
 
 NAME = "sparrow"
 # "auto" routing: the op serves forwards of at most this many queries per row over a longer

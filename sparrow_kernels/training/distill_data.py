@@ -72,7 +72,7 @@ def _frames_of(sample: DistillSample) -> Tensor:
 
 def read_video_frames(path: str, num_frames: int) -> Tensor:
     """Frames `[T, H, W, 3]` uint8 of a video file, through the project's video reader (PyAV)."""
-    from ..video_io import read_video
+    from ..data.video_io import read_video
 
     return read_video(path, num_frames=num_frames)
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, SparrowDraft
-from ..draft_inputs import kept_mask, kept_positions, shift_pairs
+from ..speculative.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, SparrowDraft
+from ..speculative.draft_inputs import kept_mask, kept_positions, shift_pairs
 from .distill_data import (DistillGroup, HiddenStateStore, TargetSequences, cached_answered_groups, file_plan,
                            tiny_plan)
 

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from ..data.synthetic import (CAPTION_QUESTION, VideoWorld, heldout_seed, question_text,
                               score_caption)
 from ..data.tokenizer import WordTokenizer
+from ..ops.threads import pick_threads
 from ..targets.tinyvlm import TinyVLM, TinyVLMConfig, TinyVLMTarget
-from ..threads import pick_threads
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -205,7 +205,7 @@ class WeightAverage:
 
 def set_threads(requested: int) -> None:
     """Fixed thread count, or (0) the load-aware rule the demo and generate use too
-    (sparrow_kernels.threads: 2 threads on an idle 2-core machine, 1 when it is busy)."""
+    (sparrow_kernels.ops.threads: 2 threads on an idle 2-core machine, 1 when it is busy)."""
     pick_threads(requested)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sparrow_kernels  # noqa: F401  (loads the ops)
-from sparrow_kernels import backend, reference
+from sparrow_kernels.ops import backend, reference
 from tests.ops.helpers import (assert_close_fp32, assert_within_low_precision_error, poisoned_outputs,
                                random_parents, tree_links, window_attn_low_precision)
 

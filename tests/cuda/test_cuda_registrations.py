@@ -8,7 +8,8 @@ import importlib
 import pytest
 import torch
 
-from sparrow_kernels import backend, ops
+from sparrow_kernels import ops
+from sparrow_kernels.ops import backend
 
 BUILD = importlib.import_module("sparrow_kernels._build_info")
 CUDA = torch.device("cuda")

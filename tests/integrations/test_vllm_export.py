@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparrow_kernels import cli
-from sparrow_kernels.draft import DraftConfig, SparrowDraft, committed_draft_dir
 from sparrow_kernels.integrations.vllm.export import export_vllm
+from sparrow_kernels.speculative.draft import DraftConfig, SparrowDraft, committed_draft_dir
 
 H, V, LAYERS = 64, 97, 3
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from sparrow_kernels.draft import DraftConfig, SparrowDraft
-from sparrow_kernels.draft_inputs import kept_mask, kept_positions, open_entries
 from sparrow_kernels.integrations.vllm.paged_draft import PagedBatch, PagedStore, VisualRule, draft_forward
+from sparrow_kernels.speculative.draft import DraftConfig, SparrowDraft
+from sparrow_kernels.speculative.draft_inputs import kept_mask, kept_positions, open_entries
 
 V, H, HKV, D = 50, 32, 2, 8
 VISION_START, PAD, VISION_END = 40, 41, 42

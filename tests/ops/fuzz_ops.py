@@ -1,7 +1,7 @@
 """Seeded fuzz of every op's index arguments on the C++ CPU backend, for .ci/run's sanitizer
 job (an ASan/UBSan build turns an out-of-bounds access into a crash): first every single
 edit of tests/ops/index_extremes.py, then random multi-edit cases until the time budget is
-spent, then sparrow_cpu.draft_tree / draft_extend (tests/draft/test_cpu_draft_inputs.fuzz).
+spent, then sparrow_cpu.draft_tree / draft_extend (tests/speculative/test_cpu_draft_inputs.fuzz).
 Exits 1 on a broken contract. Not a pytest module; it must not run any GPU code.
 
     python tests/ops/fuzz_ops.py --seed 0 --seconds 60 [--backend cpu]
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fuzz_ops: {len(singles)} single-edit + {n_random} random cases (seed {args.seed}) on {args.backend} "
           f"in {time.monotonic() - t0:.0f} s, {failures} failures", flush=True)
     if args.backend == "cpu":     # the compiled draft ops: corrupted and extreme index arguments
-        from tests.draft.test_cpu_draft_inputs import fuzz as fuzz_draft
+        from tests.speculative.test_cpu_draft_inputs import fuzz as fuzz_draft
         n_draft, draft_failures = fuzz_draft(args.seed, 300)
         for msg in draft_failures:
             print(f"FAIL {msg}", flush=True)

@@ -13,7 +13,7 @@ import torch
 import torch.utils.deterministic
 from hypothesis import strategies as st
 
-from sparrow_kernels import reference
+from sparrow_kernels.ops import reference
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 

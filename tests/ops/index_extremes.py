@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparrow_kernels import ops, reference
+from sparrow_kernels import ops
+from sparrow_kernels.ops import reference
 
 I64_MIN, I64_MAX = -2**63, 2**63 - 1
 EXTREMES = (I64_MIN, I64_MIN + 1, -2**32 - 1, -2**31 - 1, -2**31, -2, -1, 0, 1, 2, 2**31 - 1, 2**31,

@@ -34,7 +34,7 @@ cd "$SRC"
 python -c "import sparrow_kernels, os; f = sparrow_kernels.__file__; assert f.startswith(os.getcwd()), f"
 
 stamp "op tests + compiled-draft tests under ASan/UBSan"
-python -m pytest -q -p no:cacheprovider -x -m "not slow and not cuda" tests/ops tests/draft/test_cpu_draft.py tests/draft/test_cpu_draft_inputs.py
+python -m pytest -q -p no:cacheprovider -x -m "not slow and not cuda" tests/ops tests/speculative/test_cpu_draft.py tests/speculative/test_cpu_draft_inputs.py
 
 stamp "seeded fuzz of every op's index arguments"
 python tests/ops/fuzz_ops.py --seed 17 --seconds "${FUZZ_SECONDS:-60}"

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparrow_kernels
-from sparrow_kernels import reference
+from sparrow_kernels.ops import reference
 
 ops = torch.ops.sparrow
 
@@ -328,7 +328,7 @@ def _bad_calls():
 
 @pytest.mark.parametrize("case", list(_bad_calls()))
 def test_cpp_messages_equal_the_python_front(case):
-    """The C++ checks (csrc/checks.h) and the Python checks (sparrow_kernels/ops.py, used by
+    """The C++ checks (csrc/checks.h) and the Python checks (sparrow_kernels/ops/__init__.py, used by
     the reference and Triton backends) reject the same input with the same words."""
     fn, kwargs = _bad_calls()[case]
     cpp = _message("cpu", lambda: fn(**kwargs))

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparrow_kernels import ops, reference
+from sparrow_kernels import ops
+from sparrow_kernels.ops import reference
 
 # (label, B, Hq, Hkv, Tq, Tk, D, window, n_anchor, tree): the last one sends fp32 on the
 # C++ CPU backend through csrc/window_attn_shared.cpp (>= 128 keys every query sees)

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparrow_kernels import ops, reference
+from sparrow_kernels import ops
+from sparrow_kernels.ops import reference
 from tests.ops.helpers import poisoned_outputs, random_parents, tree_links
 
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparrow_kernels import ops, reference
+from sparrow_kernels import ops
+from sparrow_kernels.ops import reference
 from tests.ops.helpers import (LOW_PRECISION, WindowCase, assert_close_fp32, assert_within_low_precision_error,
                                branch, depths, make_window_inputs, poisoned_outputs, slots_of_larger_cache,
                                window_attn_low_precision, window_cases)

@@ -18,14 +18,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, and_masks, causal_mask_function, sdpa_mask
 
 import sparrow_kernels
-from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
+from sparrow_kernels.speculative.engine import SparrowGenerator, autoregressive_generate
+from sparrow_kernels.speculative.tree import TreeShape
 from sparrow_kernels.targets import hf_attention
 from sparrow_kernels.targets.hf_attention import WindowAttnMask, attention_route, tree_mask_structure, window_attn_mask
 from sparrow_kernels.targets.hf_common import tree_attention_mask
 from sparrow_kernels.targets.hf_llava import LlavaOneVisionTarget
 from sparrow_kernels.targets.hf_qwen import QwenVLTarget
-from sparrow_kernels.tree import TreeShape
-from tests.engine.helpers import oracle_for, random_draft
+from tests.speculative.helpers import oracle_for, random_draft
 from tests.targets.hf_cases import (
     SIZES,
     TOL,

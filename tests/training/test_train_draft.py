@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sparrow_kernels.data.tokenizer import WordTokenizer
-from sparrow_kernels.draft import SparrowDraft
+from sparrow_kernels.speculative.draft import SparrowDraft
 from sparrow_kernels.targets.tinyvlm import TinyVLM, TinyVLMConfig
 from sparrow_kernels.training import train_draft
 from sparrow_kernels.training.distill_data import run_target, tiny_plan
@@ -203,14 +203,14 @@ def test_file_plan_groups_local_videos_by_frame_count(target_dir, tmp_path):
 
 @pytest.mark.parametrize("visual_kv", [False, True])
 def test_training_lays_out_entries_as_inference_does(visual_kv):
-    """The EAGLE shift is one layout (sparrow_kernels/draft_inputs.py): on the prompt part of a
+    """The EAGLE shift is one layout (sparrow_kernels/speculative/draft_inputs.py): on the prompt part of a
     sequence (visual block inside the text, ragged rows), training's entries (target position,
     token) equal the engine's prompt entries, except the engine's last one, whose token is the
     first generated token."""
     from types import SimpleNamespace
 
-    from sparrow_kernels.draft import DraftConfig
-    from sparrow_kernels.engine import draft_prompt_entries
+    from sparrow_kernels.speculative.draft import DraftConfig
+    from sparrow_kernels.speculative.engine import draft_prompt_entries
     from sparrow_kernels.training.distill_data import TargetSequences
 
     lengths = torch.tensor([12, 9])

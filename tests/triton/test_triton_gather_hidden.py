@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparrow_kernels import reference
+from sparrow_kernels.ops import reference
 from tests.ops.helpers import poison_allocator
 
 from tests.triton.helpers import CUDA_MARKS, DEVICE, HAS_CUDA  # noqa: E402  (skips without GPU/interpreter)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparrow_kernels import reference
+from sparrow_kernels.ops import reference
 
 from tests.triton.helpers import CUDA_MARKS, DEVICE, HAS_CUDA  # noqa: E402  (skips without GPU/interpreter)
 

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparrow_kernels import reference
+from sparrow_kernels.ops import reference
 from tests.ops.helpers import (ancestor_mask, assert_within_low_precision_error, branch, depths, poison_allocator,
                                random_parents, window_attn_low_precision)
 

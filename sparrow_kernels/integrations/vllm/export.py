@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparrow_kernels.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, SparrowDraft
 from sparrow_kernels.integrations.vllm.plugin import ARCHITECTURE, CONFIG_KEY
+from sparrow_kernels.speculative.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, SparrowDraft
 
 METHOD = "eagle3"
 # where Qwen2.5-VL checkpoints keep the language model's final norm (transformers 5, then 4.x)

@@ -20,9 +20,9 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
 
-from sparrow_kernels.draft import DraftConfig, SparrowDraft
 from sparrow_kernels.integrations.vllm.paged_draft import PagedBatch, PagedStore, draft_forward, visual_rule_for
 from sparrow_kernels.integrations.vllm.plugin import ARCHITECTURE, CONFIG_KEY
+from sparrow_kernels.speculative.draft import DraftConfig, SparrowDraft
 
 
 class SparrowDraftBody(nn.Module):

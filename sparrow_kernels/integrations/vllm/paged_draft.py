@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from sparrow_kernels.draft import SparrowDraft
+from sparrow_kernels.speculative.draft import SparrowDraft
 
 
 @dataclass(frozen=True)

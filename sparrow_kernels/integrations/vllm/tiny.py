@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparrow_kernels.draft import DraftConfig, SparrowDraft
+from sparrow_kernels.speculative.draft import DraftConfig, SparrowDraft
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor, nn
 
-from sparrow_kernels.draft import DraftConfig, SparrowDraft
+from sparrow_kernels.speculative.draft import DraftConfig, SparrowDraft
 from sparrow_kernels.targets.base import VideoPrompt
 from sparrow_kernels.targets.tinyvlm import TinyVLM, TinyVLMConfig, TinyVLMTarget
 
@@ -165,7 +165,7 @@ class OracleDraft:
 
 def oracle_for(target, prompts, max_new_tokens: int, eos_token_ids=(), **kwargs) -> OracleDraft:
     """An OracleDraft whose continuations are the target's plain greedy outputs."""
-    from sparrow_kernels.engine import autoregressive_generate
+    from sparrow_kernels.speculative.engine import autoregressive_generate
 
     plain = autoregressive_generate(target, prompts, max_new_tokens + 8, eos_token_ids=list(eos_token_ids),
                                     capacity=max(prompt_length_any(target, p) for p in prompts) + max_new_tokens + 16)

@@ -1,4 +1,4 @@
-"""Tests of sparrow_kernels/engine.py with greedy decoding: speculative output equals plain
+"""Tests of sparrow_kernels/speculative/engine.py with greedy decoding: speculative output equals plain
 greedy output token for token (tiny VLM, tiny HF Qwen2.5-VL / LLaVA-OneVision; chain and
 tree drafting; batch 1 and 4; oracle and random drafts), the draft is fed the target's own
 features with the EAGLE shift, stops (EOS, max_new_tokens, stop strings) cut chunks without
@@ -14,10 +14,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate, draft_prompt_entries
-from sparrow_kernels.tree import TreeShape
-from tests.engine.helpers import (CharTokenizer, CountingTarget, RecordingDraft, oracle_for, prompt_length,
-                                  prompt_length_any, random_draft, tiny_vlm, vlm_prompts)
+from sparrow_kernels.speculative.engine import SparrowGenerator, autoregressive_generate, draft_prompt_entries
+from sparrow_kernels.speculative.tree import TreeShape
+from tests.speculative.helpers import (CharTokenizer, CountingTarget, RecordingDraft, oracle_for, prompt_length,
+                                       prompt_length_any, random_draft, tiny_vlm, vlm_prompts)
 
 torch.set_num_threads(1)
 
@@ -372,7 +372,7 @@ def test_trained_tiny_vlm_and_draft_greedy_equivalence():
 
     if not (DEFAULT_CHECKPOINT / "model.safetensors").is_file():
         pytest.skip(f"no trained tiny VLM checkpoint at {DEFAULT_CHECKPOINT} yet")
-    from sparrow_kernels.draft import SparrowDraft, committed_draft_dir
+    from sparrow_kernels.speculative.draft import SparrowDraft, committed_draft_dir
 
     target = TinyVLMTarget.load()
     draft_dir = committed_draft_dir("sparrow")
@@ -388,11 +388,11 @@ def test_trained_tiny_vlm_and_draft_greedy_equivalence():
 
 @pytest.mark.parametrize("visual_kv", [False, True])
 def test_compiled_cpu_draft_phase_drafts_the_same_trees(target, visual_kv, monkeypatch):
-    """fast_draft=True (the compiled CPU draft phase, sparrow_kernels/cpu_draft.py) against
+    """fast_draft=True (the compiled CPU draft phase, sparrow_kernels/speculative/cpu_draft.py) against
     fast_draft=False (the Python draft phase): the same tokens, the same per-step accept
     lengths (so the same trees were verified), the fast path really ran, and both equal plain
     greedy decoding."""
-    from sparrow_kernels import cpu_draft
+    from sparrow_kernels.speculative import cpu_draft
 
     calls = {"build_tree": 0, "extend": 0}
     for name in calls:

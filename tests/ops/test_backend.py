@@ -1,4 +1,4 @@
-"""Backend selection (sparrow_kernels/backend.py): precedence of use_backend over
+"""Backend selection (sparrow_kernels/ops/backend.py): precedence of use_backend over
 $SPARROW_BACKEND over auto, auto's choice per device, and clear errors."""
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import sparrow_kernels
-from sparrow_kernels import backend, ops, reference
+from sparrow_kernels import ops
+from sparrow_kernels.ops import backend, reference
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The CPU fast path of the draft phase: `build_tree` (top-k trees) and `SparrowDraft.extend`
 for a few entries, run by the compiled `torch.ops.sparrow_cpu.*` (csrc/draft_cpu.cpp) as fused
 loops instead of ~100 eager ops per draft forward. Same results as the Python code up to float
-rounding (tests/draft/test_cpu_draft.py), so it is an engine detail, never a semantic change.
+rounding (tests/speculative/test_cpu_draft.py), so it is an engine detail, never a semantic change.
 
 `prepare` decides once per generate call whether it applies (a SparrowDraft on the CPU in fp32
 with a tabulable vocabulary and an LM head of `Sequential(RMSNorm, Linear)`, gradients off, the

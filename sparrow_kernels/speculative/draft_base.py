@@ -10,7 +10,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor
 
-from sparrow_kernels.tree import DraftTree
+from sparrow_kernels.speculative.tree import DraftTree
 
 
 class DraftSettings(Protocol):

@@ -1,4 +1,4 @@
-"""Tests of sparrow_kernels.video_io on real files written with PyAV (mp4/h264 and mpeg4,
+"""Tests of sparrow_kernels.data.video_io on real files written with PyAV (mp4/h264 and mpeg4,
 webm/vp8 and vp9, avi/mjpeg and mpeg4): frame count, sampled indices (each frame's brightness
 encodes its index), resize, and the errors for missing, corrupt, truncated and oversized input.
 """
@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparrow_kernels.video_io import VideoTooLargeError, probe_video, read_video, uniform_indices
+from sparrow_kernels.data.video_io import VideoTooLargeError, probe_video, read_video, uniform_indices
 
 av = pytest.importorskip("av")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate
+from sparrow_kernels.speculative.engine import SparrowGenerator, autoregressive_generate
 
 from .helpers import random_draft, tiny_vlm, vlm_prompts
 

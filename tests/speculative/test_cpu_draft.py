@@ -1,4 +1,4 @@
-"""The compiled CPU draft phase (sparrow_kernels/cpu_draft.py, csrc/draft_cpu.cpp) against
+"""The compiled CPU draft phase (sparrow_kernels/speculative/cpu_draft.py, csrc/draft_cpu.cpp) against
 its spec, the Python draft (tree.build_tree over SparrowDraft.draft_step, SparrowDraft.extend):
 the same trees and cache contents on random drafts, caches and tree shapes, the same engine
 output, every draft it must decline (so runner.draft_runner picks the Python path) and every
@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparrow_kernels import cpu_draft
-from sparrow_kernels.runner import MixedRunner, PythonRunner, draft_runner
-from sparrow_kernels.tree import TreeShape, build_tree
+from sparrow_kernels.speculative import cpu_draft
+from sparrow_kernels.speculative.runner import MixedRunner, PythonRunner, draft_runner
+from sparrow_kernels.speculative.tree import TreeShape, build_tree
 
 from .test_draft import V, make_draft, rand_inputs
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparrow_kernels import cpu_draft
-from sparrow_kernels.tree import TreeShape
+from sparrow_kernels.speculative import cpu_draft
+from sparrow_kernels.speculative.tree import TreeShape
 
 from .test_draft import V, make_draft, rand_inputs
 

@@ -1,4 +1,4 @@
-"""Tests of the draft model (sparrow_kernels/draft.py): cache/tree API against a plain
+"""Tests of the draft model (sparrow_kernels/speculative/draft.py): cache/tree API against a plain
 full-sequence forward, training-time unroll against inference, window/anchor semantics,
 persistence without the target's frozen weights, and input errors."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from torch import nn
 
-from sparrow_kernels.draft import DraftCache, DraftConfig, SparrowDraft
+from sparrow_kernels.speculative.draft import DraftCache, DraftConfig, SparrowDraft
 
 torch.set_num_threads(1)
 V, H = 37, 32
@@ -355,10 +355,10 @@ def test_committed_drafts_match_the_committed_target():
     """Each committed draft loads with the committed tiny VLM, was trained on exactly those
     target weights (a retrained target needs retrained drafts), has the cache layout its
     name says, and the Sparrow draft agrees with the target's greedy tokens on a held-out video."""
-    from sparrow_kernels.draft import committed_draft_dir
+    from sparrow_kernels.speculative.draft import committed_draft_dir
     from sparrow_kernels.targets.tinyvlm import TinyVLMTarget
-    from sparrow_kernels.training.train_draft import evaluate, target_fingerprint
     from sparrow_kernels.training.distill_data import HiddenStateStore, answer_groups, tiny_plan
+    from sparrow_kernels.training.train_draft import evaluate, target_fingerprint
 
     target = TinyVLMTarget.load()
     fingerprint = target_fingerprint("tiny", target)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from . import ops
+from .. import ops
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -635,7 +635,7 @@ DEFAULT_DRAFT = "vata_mtp"
 
 def committed_draft_dir(name: str = DEFAULT_DRAFT) -> str:
     """Directory of a committed draft for the built-in tiny VLM (e.g. 'sparrow', 'visual_kv')."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "drafts", name)
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "drafts", name)
 
 
 __all__ = ["DEFAULT_DRAFT", "DraftCache", "DraftConfig", "SparrowDraft", "committed_draft_dir", "load_draft"]

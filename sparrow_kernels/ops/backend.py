@@ -54,11 +54,11 @@ def use_backend(name: str) -> Iterator[None]:
 
 # The ops a build with CUDA must serve with C++ CUDA kernels (csrc/cuda/*.cu). The one op
 # left out, window_attn_backward, has no C++ CUDA kernel by design: its CUDA kernel is Triton's,
-# registered explicitly by ops.py.
+# registered explicitly by ops/__init__.py.
 CPP_CUDA_REQUIRED = ("window_attn", "gather_hidden", "tree_verify_greedy", "tree_verify_sample", "kv_compact")
 TRITON_CUDA_BY_DESIGN = ("window_attn_backward",)
 
-# The ops whose CUDA kernel came from the C++ build, recorded by ops.py right after loading
+# The ops whose CUDA kernel came from the C++ build, recorded by ops/__init__.py right after loading
 # _C and before Triton fills the gaps (after that the dispatcher alone cannot tell them apart).
 _cpp_cuda_ops: frozenset[str] | None = None
 

@@ -11,9 +11,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from sparrow_kernels import cpu_draft
-from sparrow_kernels.draft_base import Draft
-from sparrow_kernels.tree import DraftTree, TreeShape, build_tree
+from sparrow_kernels.speculative import cpu_draft
+from sparrow_kernels.speculative.draft_base import Draft
+from sparrow_kernels.speculative.tree import DraftTree, TreeShape, build_tree
 
 
 @dataclass

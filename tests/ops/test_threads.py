@@ -1,4 +1,4 @@
-"""sparrow_kernels.threads.pick_threads: the count asked for, else $OMP_NUM_THREADS, else 1 thread
+"""sparrow_kernels.ops.threads.pick_threads: the count asked for, else $OMP_NUM_THREADS, else 1 thread
 when the load average says the cores are taken and 2 (at most the cores) when they are idle."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from sparrow_kernels.threads import IDLE_THREADS, pick_threads
+from sparrow_kernels.ops.threads import IDLE_THREADS, pick_threads
 
 
 @pytest.fixture(autouse=True)

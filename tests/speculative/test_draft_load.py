@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sparrow_kernels.draft import DraftConfig, SparrowDraft, committed_draft_dir
+from sparrow_kernels.speculative.draft import DraftConfig, SparrowDraft, committed_draft_dir
 from sparrow_kernels.targets.tinyvlm import DEFAULT_CHECKPOINT, TinyVLMTarget
 
 GOOD = json.loads((Path(committed_draft_dir()) / "config.json").read_text())["config"]

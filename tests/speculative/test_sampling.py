@@ -1,4 +1,4 @@
-"""Tests of sampling in sparrow_kernels/engine.py: the temperature/top-p distribution equals
+"""Tests of sampling in sparrow_kernels/speculative/engine.py: the temperature/top-p distribution equals
 transformers' own warpers, plain sampling draws with the verify op's inverse-CDF rule, and
 the first generated tokens under speculative sampling (target-only top-k trees, sampled
 trees with draft probabilities, chains, top-p) follow the exact distribution of the target
@@ -14,10 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparrow_kernels import ops
-from sparrow_kernels.engine import SparrowGenerator, autoregressive_generate, sample_from_probs, sampling_probs
+from sparrow_kernels.speculative.engine import (SparrowGenerator, autoregressive_generate, sample_from_probs,
+                                                sampling_probs)
+from sparrow_kernels.speculative.tree import TreeShape
 from sparrow_kernels.targets.base import VideoPrompt
-from sparrow_kernels.tree import TreeShape
-from tests.engine.helpers import random_draft, tiny_vlm
+from tests.speculative.helpers import random_draft, tiny_vlm
 
 torch.set_num_threads(1)
 

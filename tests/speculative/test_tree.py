@@ -1,4 +1,4 @@
-"""Tests of sparrow_kernels/tree.py: the tree layout against a per-node Python walk, and
+"""Tests of sparrow_kernels/speculative/tree.py: the tree layout against a per-node Python walk, and
 build_tree against a from-scratch EAGLE-2 reference in which every node's draft state is
 recomputed by running its root-to-node path as a plain chain through the real draft.
 """
@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparrow_kernels.engine import sampling_probs
-from sparrow_kernels.tree import CPU_TREE, GPU_TREE, TreeShape, build_tree, tree_layout
-from tests.engine.helpers import random_draft, tiny_vlm
+from sparrow_kernels.speculative.engine import sampling_probs
+from sparrow_kernels.speculative.tree import CPU_TREE, GPU_TREE, TreeShape, build_tree, tree_layout
+from tests.speculative.helpers import random_draft, tiny_vlm
 
 torch.set_num_threads(1)
 

@@ -13,15 +13,15 @@ import torch
 from torch import Tensor
 
 from sparrow_kernels import ops
-from sparrow_kernels.draft_base import Draft, DraftRunner
-from sparrow_kernels.draft_inputs import kept_mask, kept_positions, open_entries
-from sparrow_kernels.runner import draft_runner
+from sparrow_kernels.speculative.draft_base import Draft, DraftRunner
+from sparrow_kernels.speculative.draft_inputs import kept_mask, kept_positions, open_entries
+from sparrow_kernels.speculative.runner import draft_runner
+from sparrow_kernels.speculative.tree import GPU_TREE, DraftTree, TreeShape
 from sparrow_kernels.targets.base import PrefillOutput, Target, VideoPrompt
 from sparrow_kernels.targets.decoding import (DEFAULT_MAX_CONTEXT, GenerationRequest, GenerationResult, GenerationStats,
                                               Session, StreamChunk, autoregressive_generate, check_room,
                                               kv_capacity, make_generator, next_tokens, request_capacity,
                                               sample_from_probs, sampling_probs)
-from sparrow_kernels.tree import GPU_TREE, DraftTree, TreeShape
 
 # ----------------------------------------------------------------------------- draft inputs
 def draft_prompt_entries(prefill: PrefillOutput, first_tokens: Tensor,

@@ -310,7 +310,7 @@ torch.library.register_autograd("sparrow::window_attn", _window_attn_autograd_ba
 # ----------------------------------------------------------------------------- Triton as CUDA kernels
 def _triton():
     """The Triton kernels module, imported on first use (importing triton is slow)."""
-    from . import triton_ops
+    from .. import triton_ops
     return triton_ops
 
 
