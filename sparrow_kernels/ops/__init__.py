@@ -15,6 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from . import backend as _backend
 from . import reference as _reference
+from .checks import check_tensor, format_shape
 
 OP_NAMES = ("window_attn", "window_attn_backward", "gather_hidden", "tree_verify_greedy",
             "tree_verify_sample", "kv_compact")
@@ -37,27 +38,6 @@ _load_extension()
 
 
 # ----------------------------------------------------------------------------- validation
-# Shape specs are lists of (symbol, expected value or None for "any"); messages read e.g.
-# "window_attn: k must have shape [B, Hkv, Tk, D] = [2, 4, ?, 64], got [2, 3, 17, 64]".
-def _fmt_expected(spec: list[tuple[str, int | None]]) -> str:
-    names = ", ".join(name for name, _ in spec)
-    values = ", ".join("?" if value is None else str(value) for _, value in spec)
-    return f"[{names}] = [{values}]"
-
-
-def _check_tensor(op: str, arg: str, t, spec: list[tuple[str, int | None]], dtypes: tuple,
-                  device: torch.device | None = None) -> None:
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{op}: {arg} must be a tensor of shape {_fmt_expected(spec)}, got {type(t).__name__}")
-    if t.dim() != len(spec) or any(v is not None and v != s for (_, v), s in zip(spec, t.shape)):
-        raise ValueError(f"{op}: {arg} must have shape {_fmt_expected(spec)}, got {list(t.shape)}")
-    if t.dtype not in dtypes:
-        expected = " or ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise ValueError(f"{op}: {arg} must have dtype {expected}, got {str(t.dtype).replace('torch.', '')}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{op}: {arg} must be on device {device} like the other inputs, got {t.device}")
-
-
 def _check_last_dim_contiguous(op: str, arg: str, t: Tensor) -> None:
     if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{op}: {arg} must be contiguous in its last dimension (stride 1), "
@@ -71,12 +51,12 @@ def _values_checkable(t: Tensor) -> bool:
 
 
 def _check_window_attn(q, k, v, kv_len, q_pos, window, n_anchor, tree_mask, scale, op="window_attn") -> None:
-    _check_tensor(op, "q", q, [("B", None), ("Hq", None), ("Tq", None), ("D", None)], ATTN_DTYPES)
+    check_tensor(op, "q", q, [("B", None), ("Hq", None), ("Tq", None), ("D", None)], ATTN_DTYPES)
     B, Hq, Tq, D = q.shape
     dev = q.device
-    _check_tensor(op, "k", k, [("B", B), ("Hkv", None), ("Tk", None), ("D", D)], ATTN_DTYPES, dev)
+    check_tensor(op, "k", k, [("B", B), ("Hkv", None), ("Tk", None), ("D", D)], ATTN_DTYPES, dev)
     _, Hkv, Tk, _ = k.shape
-    _check_tensor(op, "v", v, [("B", B), ("Hkv", Hkv), ("Tk", Tk), ("D", D)], ATTN_DTYPES, dev)
+    check_tensor(op, "v", v, [("B", B), ("Hkv", Hkv), ("Tk", Tk), ("D", D)], ATTN_DTYPES, dev)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"{op}: q, k, v must have the same dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if Hkv == 0 or Hq % Hkv != 0:
@@ -85,10 +65,10 @@ def _check_window_attn(q, k, v, kv_len, q_pos, window, n_anchor, tree_mask, scal
         raise ValueError(f"{op}: head dim D must be in [1, {MAX_HEAD_DIM}], got {D}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_last_dim_contiguous(op, name, t)
-    _check_tensor(op, "kv_len", kv_len, [("B", B)], (torch.int64,), dev)
-    _check_tensor(op, "q_pos", q_pos, [("B", B), ("Tq", Tq)], (torch.int64,), dev)
+    check_tensor(op, "kv_len", kv_len, [("B", B)], (torch.int64,), dev)
+    check_tensor(op, "q_pos", q_pos, [("B", B), ("Tq", Tq)], (torch.int64,), dev)
     if tree_mask is not None:
-        _check_tensor(op, "tree_mask", tree_mask, [("B", B), ("Tq", Tq), ("Tq", Tq)], (torch.bool,), dev)
+        check_tensor(op, "tree_mask", tree_mask, [("B", B), ("Tq", Tq), ("Tq", Tq)], (torch.bool,), dev)
     if n_anchor < 0:
         raise ValueError(f"{op}: n_anchor must be >= 0, got {n_anchor}")
     if not math.isfinite(scale):
@@ -109,9 +89,9 @@ def _check_window_attn_backward(grad_out, q, k, v, out, lse, kv_len, q_pos, wind
     _check_window_attn(q, k, v, kv_len, q_pos, window, n_anchor, tree_mask, scale, op=op)
     B, Hq, Tq, D = q.shape
     spec = [("B", B), ("Hq", Hq), ("Tq", Tq), ("D", D)]
-    _check_tensor(op, "grad_out", grad_out, spec, (q.dtype,), q.device)
-    _check_tensor(op, "out", out, spec, (q.dtype,), q.device)
-    _check_tensor(op, "lse", lse, [("B", B), ("Hq", Hq), ("Tq", Tq)], (torch.float32, torch.float64), q.device)
+    check_tensor(op, "grad_out", grad_out, spec, (q.dtype,), q.device)
+    check_tensor(op, "out", out, spec, (q.dtype,), q.device)
+    check_tensor(op, "lse", lse, [("B", B), ("Hq", Hq), ("Tq", Tq)], (torch.float32, torch.float64), q.device)
 
 
 def _check_gather_hidden(hidden, index) -> None:
@@ -120,13 +100,13 @@ def _check_gather_hidden(hidden, index) -> None:
         raise ValueError(f"{op}: hidden must be a non-empty list of [B, T, H] tensors, got "
                          f"{'a single tensor' if isinstance(hidden, Tensor) else 'an empty list'}")
     first = hidden[0]
-    _check_tensor(op, "hidden[0]", first, [("B", None), ("T", None), ("H", None)],
+    check_tensor(op, "hidden[0]", first, [("B", None), ("T", None), ("H", None)],
                   (torch.float32, torch.float16, torch.bfloat16, torch.float64))
     B, T, H = first.shape
     for i, h in enumerate(hidden):
-        _check_tensor(op, f"hidden[{i}]", h, [("B", B), ("T", T), ("H", H)], (first.dtype,), first.device)
+        check_tensor(op, f"hidden[{i}]", h, [("B", B), ("T", T), ("H", H)], (first.dtype,), first.device)
         _check_last_dim_contiguous(op, f"hidden[{i}]", h)
-    _check_tensor(op, "index", index, [("B", B), ("N", None)], (torch.int64,), first.device)
+    check_tensor(op, "index", index, [("B", B), ("N", None)], (torch.int64,), first.device)
     if _values_checkable(index) and index.numel() > 0:
         bad = (index < -1) | (index >= T)
         if bool(bad.any()):
@@ -151,11 +131,11 @@ def _check_tree_links(op: str, next_token: Tensor, next_sibling: Tensor) -> None
 
 def _check_tree_verify_greedy(candidates, target_predict, next_token, next_sibling) -> None:
     op = "tree_verify_greedy"
-    _check_tensor(op, "candidates", candidates, [("B", None), ("N", None)], (torch.int64,))
+    check_tensor(op, "candidates", candidates, [("B", None), ("N", None)], (torch.int64,))
     B, N = candidates.shape
     dev = candidates.device
     for name, t in (("target_predict", target_predict), ("next_token", next_token), ("next_sibling", next_sibling)):
-        _check_tensor(op, name, t, [("B", B), ("N", N)], (torch.int64,), dev)
+        check_tensor(op, name, t, [("B", B), ("N", N)], (torch.int64,), dev)
     if N == 0:
         raise ValueError(f"{op}: candidates must hold at least the root node (N >= 1), got N = 0")
     _check_tree_links(op, next_token, next_sibling)
@@ -164,18 +144,18 @@ def _check_tree_verify_greedy(candidates, target_predict, next_token, next_sibli
 def _check_tree_verify_sample(candidates, target_probs, draft_probs, next_token, next_sibling,
                               uniform_accept, uniform_final) -> None:
     op = "tree_verify_sample"
-    _check_tensor(op, "candidates", candidates, [("B", None), ("N", None)], (torch.int64,))
+    check_tensor(op, "candidates", candidates, [("B", None), ("N", None)], (torch.int64,))
     B, N = candidates.shape
     dev = candidates.device
-    _check_tensor(op, "target_probs", target_probs, [("B", B), ("N", N), ("V", None)], (torch.float32,), dev)
+    check_tensor(op, "target_probs", target_probs, [("B", B), ("N", N), ("V", None)], (torch.float32,), dev)
     V = target_probs.shape[2]
-    _check_tensor(op, "draft_probs", draft_probs, [("B", B), ("N", N), ("V", V)], (torch.float32,), dev)
+    check_tensor(op, "draft_probs", draft_probs, [("B", B), ("N", N), ("V", V)], (torch.float32,), dev)
     for name, t in (("target_probs", target_probs), ("draft_probs", draft_probs)):
         _check_last_dim_contiguous(op, name, t)
     for name, t in (("next_token", next_token), ("next_sibling", next_sibling)):
-        _check_tensor(op, name, t, [("B", B), ("N", N)], (torch.int64,), dev)
-    _check_tensor(op, "uniform_accept", uniform_accept, [("B", B), ("N", N)], (torch.float32,), dev)
-    _check_tensor(op, "uniform_final", uniform_final, [("B", B)], (torch.float32,), dev)
+        check_tensor(op, name, t, [("B", B), ("N", N)], (torch.int64,), dev)
+    check_tensor(op, "uniform_accept", uniform_accept, [("B", B), ("N", N)], (torch.float32,), dev)
+    check_tensor(op, "uniform_final", uniform_final, [("B", B)], (torch.float32,), dev)
     if N == 0 or V == 0:
         raise ValueError(f"{op}: need N >= 1 nodes and V >= 1 tokens, got N = {N}, V = {V}")
     if _values_checkable(candidates) and candidates.numel() > 0:
@@ -203,16 +183,16 @@ def _check_values(op: str, arg: str, t: Tensor, ok: Tensor, expected: str) -> No
 def _check_kv_compact(kv, prefix_len, accept_index, accept_len) -> None:
     op = "kv_compact"
     # any dtype: the kernels move elements and do no arithmetic
-    _check_tensor(op, "kv", kv, [("L", None), ("B", None), ("H", None), ("S", None), ("D", None)],
+    check_tensor(op, "kv", kv, [("L", None), ("B", None), ("H", None), ("S", None), ("D", None)],
                   (kv.dtype,) if isinstance(kv, Tensor) else ())
     if not kv.is_contiguous():
         raise ValueError(f"{op}: kv must be contiguous, got strides {list(kv.stride())}")
     L, B, H, S, D = kv.shape
     dev = kv.device
-    _check_tensor(op, "prefix_len", prefix_len, [("B", B)], (torch.int64,), dev)
-    _check_tensor(op, "accept_index", accept_index, [("B", B), ("A", None)], (torch.int64,), dev)
+    check_tensor(op, "prefix_len", prefix_len, [("B", B)], (torch.int64,), dev)
+    check_tensor(op, "accept_index", accept_index, [("B", B), ("A", None)], (torch.int64,), dev)
     A = accept_index.shape[1]
-    _check_tensor(op, "accept_len", accept_len, [("B", B)], (torch.int64,), dev)
+    check_tensor(op, "accept_len", accept_len, [("B", B)], (torch.int64,), dev)
     if not _values_checkable(kv) or B == 0:
         return
     for b in range(B):

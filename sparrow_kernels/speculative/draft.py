@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.checks import check_tensor
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -178,19 +179,6 @@ def _rms_norm(x: Tensor, norm: nn.RMSNorm) -> Tensor:
         return _rms(x, norm.eps) * norm.weight
     xf = x.float()
     return (_rms(xf, norm.eps) * norm.weight.float()).to(x.dtype)
-
-
-def _check_tensor(name: str, t, shape: tuple, dtype=None, device=None) -> None:
-    """`shape` entries: an int (must match) or None (any). Raises ValueError naming `name`."""
-    if not isinstance(t, Tensor):
-        raise ValueError(f"SparrowDraft: {name} must be a tensor, got {type(t).__name__}")
-    shown = "[" + ", ".join("?" if s is None else str(s) for s in shape) + "]"
-    if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
-        raise ValueError(f"SparrowDraft: {name} must have shape {shown}, got {list(t.shape)}")
-    if dtype is not None and t.dtype != dtype:
-        raise ValueError(f"SparrowDraft: {name} must have dtype {dtype}, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"SparrowDraft: {name} must be on {device}, got {t.device}")
 
 
 class SparrowDraft(nn.Module):
@@ -403,11 +391,11 @@ class SparrowDraft(nn.Module):
         only the first valid[b] entries of row b are real. Drops scratch nodes first.
         Returns draft hidden `[B, T, H]`; hidden[b, valid[b]-1] predicts the next token."""
         cfg = self.config
-        _check_tensor("tokens", tokens, (None, None), torch.int64, self.device)
+        check_tensor("SparrowDraft", "tokens", tokens, (None, None), torch.int64, self.device)
         B, T = tokens.shape
         self._check_cache(cache, B)
-        _check_tensor("features", features, (B, T, cfg.feature_size), None, self.device)
-        _check_tensor("valid", valid, (B,), torch.int64, self.device)
+        check_tensor("SparrowDraft", "features", features, (B, T, cfg.feature_size), None, self.device)
+        check_tensor("SparrowDraft", "valid", valid, (B,), torch.int64, self.device)
         if T == 0:
             raise ValueError("SparrowDraft.extend: tokens must hold at least one entry (T >= 1)")
         self.reset_scratch(cache)
@@ -447,13 +435,13 @@ class SparrowDraft(nn.Module):
         position = lengths + depth - 1), tree_mask `[B, K, M]` over all M scratch nodes so far
         (the last K columns are these nodes). Returns hidden `[B, K, H]`."""
         cfg = self.config
-        _check_tensor("tokens", tokens, (None, None), torch.int64, self.device)
+        check_tensor("SparrowDraft", "tokens", tokens, (None, None), torch.int64, self.device)
         B, K = tokens.shape
         self._check_cache(cache, B)
         M = cache.scratch_len + K
-        _check_tensor("prev_hidden", prev_hidden, (B, K, cfg.hidden_size), None, self.device)
-        _check_tensor("depth", depth, (B, K), torch.int64, self.device)
-        _check_tensor("tree_mask", tree_mask, (B, K, M), torch.bool, self.device)
+        check_tensor("SparrowDraft", "prev_hidden", prev_hidden, (B, K, cfg.hidden_size), None, self.device)
+        check_tensor("SparrowDraft", "depth", depth, (B, K), torch.int64, self.device)
+        check_tensor("SparrowDraft", "tree_mask", tree_mask, (B, K, M), torch.bool, self.device)
         if bool((depth < 1).any()):
             raise ValueError(f"SparrowDraft.draft_step: depth must be >= 1, got min {int(depth.min())}")
         if bool((cache.lengths + M > cache.capacity).any()):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparrow_kernels.ops import kv_compact
+from sparrow_kernels.ops.checks import check_tensor
 
 from .base import PrefillOutput, TargetState, TreeOutput, VideoPrompt
 from .decoding import autoregressive_generate
@@ -271,18 +272,6 @@ class TinyVLMState(TargetState):
     tree_size: int = 0              # nodes written by the last forward_tree (commit checks against it)
     n_visual: Tensor | None = None  # [B] visual tokens per row (slots 0 .. n_visual[b] - 1)
     visual_bias: Tensor | None = None   # [B] attention bias of visual keys (TinyVLMConfig.visual_bias)
-
-
-def _check_tensor(name: str, t, shape: tuple, dtypes: tuple, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor of shape {list(shape)}, got {type(t).__name__}")
-    if t.dim() != len(shape) or any(s is not None and s != ts for s, ts in zip(shape, t.shape)):
-        want = [("?" if s is None else s) for s in shape]
-        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
-    if t.device.type != device.type:
-        raise ValueError(f"{name} must be on {device}, got {t.device}")
 
 
 class _TreeKeys:
@@ -568,10 +557,10 @@ class TinyVLMTarget:
                      layers: Sequence[int]) -> TreeOutput:
         cfg = self.config
         B = state.lengths.shape[0]
-        _check_tensor("tokens", tokens, (B, None), (torch.long,), self.device)
+        check_tensor("TinyVLMTarget", "tokens", tokens, (B, None), (torch.long,), self.device)
         N = tokens.shape[1]
-        _check_tensor("tree_mask", tree_mask, (B, N, N), (torch.bool,), self.device)
-        _check_tensor("depth", depth, (B, N), (torch.long,), self.device)
+        check_tensor("TinyVLMTarget", "tree_mask", tree_mask, (B, N, N), (torch.bool,), self.device)
+        check_tensor("TinyVLMTarget", "depth", depth, (B, N), (torch.long,), self.device)
         layers = self._check_layers(layers)
         if N < 1:
             raise ValueError("tokens must hold at least one node per row, got N = 0")
@@ -606,8 +595,8 @@ class TinyVLMTarget:
     @torch.inference_mode()
     def commit(self, state: TinyVLMState, accept_index: Tensor, accept_len: Tensor) -> None:
         B = state.lengths.shape[0]
-        _check_tensor("accept_index", accept_index, (B, None), (torch.long,), self.device)
-        _check_tensor("accept_len", accept_len, (B,), (torch.long,), self.device)
+        check_tensor("TinyVLMTarget", "accept_index", accept_index, (B, None), (torch.long,), self.device)
+        check_tensor("TinyVLMTarget", "accept_len", accept_len, (B,), (torch.long,), self.device)
         A = accept_index.shape[1]
         if bool((accept_len < 0).any()) or bool((accept_len > A).any()):
             raise ValueError(f"accept_len must lie in [0, {A}], got {accept_len.tolist()}")

@@ -241,3 +241,18 @@ def test_build_for_another_torch_is_reported_before_loading(monkeypatch):
     monkeypatch.setattr(info, "TORCH_VERSION", "1.13.0+cu117")
     with pytest.raises(ImportError, match=r"built for torch 1.13.0\+cu117 .* rebuild"):
         sparrow_kernels._check_build_matches_torch()
+
+
+def test_check_tensor_names_owner_argument_and_expectation():
+    from sparrow_kernels.ops.checks import check_tensor
+
+    x = torch.zeros(2, 3)
+    check_tensor("Owner", "x", x, (2, None), torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"Owner: x must have shape \[B, T\] = \[2, 4\], got \[2, 3\]"):
+        check_tensor("Owner", "x", x, [("B", 2), ("T", 4)], (torch.float32,))
+    with pytest.raises(ValueError, match=r"Owner: x must have dtype int64 or int32, got float32"):
+        check_tensor("Owner", "x", x, (2, 3), (torch.int64, torch.int32))
+    with pytest.raises(ValueError, match=r"Owner: x must be a tensor of shape \[2, \?\], got list"):
+        check_tensor("Owner", "x", [1, 2], (2, None))
+    with pytest.raises(ValueError, match=r"Owner: x must be on device meta"):
+        check_tensor("Owner", "x", x, (2, 3), None, torch.device("meta"))

@@ -318,7 +318,7 @@ def test_bad_inputs_raise_clear_errors():
     draft = make_draft(window=4)
     cache = draft.new_cache(2, 6)
     tokens, feats = rand_inputs(2, 4, H)
-    with pytest.raises(ValueError, match=r"tokens must have dtype torch.int64"):
+    with pytest.raises(ValueError, match=r"tokens must have dtype int64"):
         draft.extend(cache, tokens.int(), feats, torch.tensor([4, 4]))
     with pytest.raises(ValueError, match=r"valid must have shape \[2\]"):
         draft.extend(cache, tokens, feats, torch.tensor([4]))
