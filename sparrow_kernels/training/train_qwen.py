@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..data.narration import (NARRATION_PROMPTS, QUESTION_KINDS, SUMMARY_PROMPTS, fact_fraction,
                               make_question, narration, score_narration, summary)
-from ..data.world import World, heldout_world_seed
+from ..data.world import COLORS, DIRECTIONS, SHAPES, SPEEDS, World, heldout_world_seed
 from .train_target import WeightAverage, lr_at, set_threads
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="learning-rate multiplier of the vision tower and merger")
     p.add_argument("--visual-norm-weight", type=float, default=0.0,
                    help="weight of a penalty keeping the visual tokens' mean norm at the text embeddings' (0: off)")
+    p.add_argument("--grounding-weight", type=float, default=0.0,
+                   help="weight of the training-only grounding probe: a linear head on each visual token "
+                        "predicts the colours, shapes, directions and speeds of the objects in its cell (0: off)")
     p.add_argument("--reinit-vision", action="store_true",
                    help="with --init: fresh vision tower and merger weights (keeps the language model)")
     p.add_argument("--seed", type=int, default=0)
@@ -192,7 +195,7 @@ def make_batch(run_seed: int, step: int, args, tokenizer) -> dict:
     num_frames = 2 * rng.randint(args.min_frames // 2, args.max_frames // 2)
     num_frames = min(num_frames, 2 * max(1, args.max_visual_tokens // per_grid))
     video_tokens = num_frames // 2 * per_grid
-    rows, videos = [], []
+    rows, videos, grounding = [], [], []
     used = 0
     while True:
         world = World(rng.randrange(10**9))
@@ -201,6 +204,7 @@ def make_batch(run_seed: int, step: int, args, tokenizer) -> dict:
             break
         rows.append((ids, mask))
         videos.append(video_inputs(world, num_frames, size))
+        grounding.append(grounding_labels(world, num_frames, size))
         used += len(ids)
         if len(rows) >= 16:
             break
@@ -219,7 +223,11 @@ def make_batch(run_seed: int, step: int, args, tokenizer) -> dict:
             "mm_token_type_ids": (input_ids == video_id).long() * 2,
             "pixel_values_videos": torch.cat([v["pixel_values_videos"] for v in videos]),
             "video_grid_thw": torch.cat([v["video_grid_thw"] for v in videos]),
-            "second_per_grid_ts": torch.cat([v["second_per_grid_ts"] for v in videos])}
+            "second_per_grid_ts": torch.cat([v["second_per_grid_ts"] for v in videos]),
+            "grounding_labels": torch.cat(grounding)}
+
+
+TRAINING_ONLY_KEYS = ("labels", "grounding_labels")
 
 
 def answer_loss(model, batch: dict) -> torch.Tensor:
@@ -228,7 +236,7 @@ def answer_loss(model, batch: dict) -> torch.Tensor:
     (`logits_to_keep`), not at the visual and prompt positions."""
     targets = batch["labels"][:, 1:]                                        # [B, L-1]
     keep = (targets != -100).any(0).nonzero().squeeze(1)                    # [K] positions p predicting p+1
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in TRAINING_ONLY_KEYS}
     logits = model(**inputs, logits_to_keep=keep).logits                    # [B, K, V]
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(),
                                              ignore_index=-100)
@@ -257,24 +265,95 @@ def reinit_vision(model, seed: int = 0) -> None:
     model.model.visual.load_state_dict(fresh.model.visual.state_dict())
 
 
-class VisualNormPenalty:
-    """`weight * log(mean visual-token norm / mean text-embedding norm)^2` for the visual tokens of the
-    last forward, read by a forward hook on the stock vision tower (no modeling code changed). Keeps
-    the visual embeddings at the text scale, where they cannot grow into one constant "sink" vector."""
+PROBE_CLASSES = tuple(COLORS) + tuple(SHAPES) + tuple(DIRECTIONS) + tuple(SPEEDS) + ("object",)
+PROBE_POS_WEIGHT = 4.0
+PROBE_GROUPS = {"color": tuple(COLORS), "shape": tuple(SHAPES), "direction": tuple(DIRECTIONS),
+                "speed": tuple(SPEEDS), "object": ("object",)}
 
-    def __init__(self, model, weight: float):
-        self.model, self.weight = model, weight
+
+def grounding_labels(world: World, num_frames: int, size: int) -> torch.Tensor:
+    """Multi-hot targets `[t*h*w, len(PROBE_CLASSES)]` of the video's merged visual tokens, in the
+    vision tower's output order (time, row, column): for every object visible at the middle of a
+    token's two frames whose center lies in the token's 28 x 28 cell, its color, shape, direction,
+    speed and "object" at that time."""
+    cells = size // 28
+    times = world.frame_times(num_frames)
+    if num_frames % 2:                                   # the patcher repeats the last frame
+        times = np.append(times, times[-1])
+    mids = times.reshape(-1, 2).mean(1)                  # [t]
+    index = {name: i for i, name in enumerate(PROBE_CLASSES)}
+    labels = np.zeros((len(mids), cells, cells, len(PROBE_CLASSES)), dtype=np.float32)
+    for o in world.objects:
+        centers = o.centers(mids)
+        for k in np.nonzero(o.visible(mids))[0]:
+            t = float(mids[k])
+            col = min(cells - 1, max(0, int(centers[k, 0] * cells)))
+            row = min(cells - 1, max(0, int(centers[k, 1] * cells)))
+            segment = o.segment_at(t)
+            for name in (o.color_at(t), o.shape_at(t), segment.direction, segment.speed, "object"):
+                labels[k, row, col, index[name]] = 1.0
+    return torch.from_numpy(labels.reshape(-1, len(PROBE_CLASSES)))
+
+
+class VisualAuxLosses(torch.nn.Module):
+    """Training-only losses on the visual tokens of the last training forward, read by a forward
+    hook on the stock vision tower (no modeling code changed; nothing here is saved with the model):
+
+    - norm: `norm_weight * log(mean visual-token norm / mean text-embedding norm)^2` keeps the
+      visual embeddings at the text scale, where they cannot grow into one constant "sink" vector;
+    - grounding: `probe_weight *` multi-label cross-entropy of a linear probe that reads, from each
+      visual token, what lies in its cell (`grounding_labels`). Without it the language model learns
+      the narrations' prior long before the tower carries anything it could read.
+    """
+
+    def __init__(self, model, norm_weight: float, probe_weight: float):
+        super().__init__()
+        self.model, self.norm_weight, self.probe_weight = [model], norm_weight, probe_weight
+        self.head = torch.nn.Linear(model.config.vision_config.out_hidden_size, len(PROBE_CLASSES))
         self.outputs: list[torch.Tensor] = []
-        model.model.visual.register_forward_hook(lambda module, args, out: self.outputs.append(out.pooler_output))
+        model.model.visual.register_forward_hook(self._record)
 
-    def take(self) -> torch.Tensor:
-        """The penalty of the visual tokens seen since the last call (0 when none)."""
+    def _record(self, module, args, out) -> None:
+        if torch.is_grad_enabled():                     # training forwards only (not evals, generate)
+            self.outputs.append(out.pooler_output)
+
+    def take(self, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """The weighted losses of the visual tokens seen since the last call, and their stats."""
         outputs, self.outputs = self.outputs, []
         if not outputs:
-            return torch.zeros(())
-        visual = torch.cat(outputs).norm(dim=-1).mean()
-        text = self.model.model.language_model.embed_tokens.weight.norm(dim=-1).mean().detach()
-        return self.weight * torch.log(visual / text) ** 2
+            return torch.zeros(()), {}
+        visual = torch.cat(outputs)
+        total, stats = torch.zeros(()), {}
+        if self.norm_weight > 0:
+            text = self.model[0].model.language_model.embed_tokens.weight.norm(dim=-1).mean().detach()
+            ratio = visual.norm(dim=-1).mean() / text
+            total = total + self.norm_weight * torch.log(ratio) ** 2
+            stats["visual_norm_ratio"] = round(float(ratio.detach()), 3)
+        if self.probe_weight > 0 and labels is not None:
+            if labels.shape[0] != visual.shape[0]:
+                raise ValueError(f"grounding_labels has {labels.shape[0]} rows, the vision tower gave "
+                                 f"{visual.shape[0]} tokens")
+            logits = self.head(visual)
+            # cells are mostly empty: positives weigh PROBE_POS_WEIGHT times more
+            probe = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, labels, pos_weight=torch.full((labels.shape[1],), PROBE_POS_WEIGHT))
+            total = total + self.probe_weight * probe
+            stats["probe_loss"] = round(float(probe), 4)
+            stats.update(probe_f1(logits.detach(), labels))
+        return total, stats
+
+
+def probe_f1(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """F1 of the probe's thresholded predictions per class group (how readable the tower is)."""
+    out = {}
+    pred = logits > 0
+    for group, names in PROBE_GROUPS.items():
+        cols = [PROBE_CLASSES.index(n) for n in names]
+        p, y = pred[:, cols], labels[:, cols] > 0.5
+        tp = float((p & y).sum())
+        denom = float(p.sum() + y.sum())
+        out[f"f1_{group}"] = round(2 * tp / denom, 3) if denom else 1.0
+    return out
 
 
 @torch.no_grad()
@@ -397,13 +476,20 @@ def main(argv=None) -> int:
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), do_sample=False, max_new_tokens=512)
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.95))
-    visual_norm = VisualNormPenalty(model, args.visual_norm_weight) if args.visual_norm_weight > 0 else None
+    aux = VisualAuxLosses(model, args.visual_norm_weight, args.grounding_weight)
+    if args.grounding_weight > 0:
+        optimizer.add_param_group({"params": list(aux.head.parameters()), "weight_decay": 0.0,
+                                   "lr_scale": args.vision_lr_scale})
     step = 0
     if args.resume and (last / "train_state.pt").is_file():
         state = torch.load(last / "train_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         print(f"resumed from {last} at step {step}", flush=True)
+    if args.resume and (last / "probe.safetensors").is_file():
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        aux.head.load_state_dict(load_file(str(last / "probe.safetensors")))
     average = WeightAverage(model, args.ema) if args.ema > 0 else None
     if average is not None and args.resume and (last / "ema.safetensors").is_file():
         from safetensors.torch import load_file  # noqa: PLC0415
@@ -428,7 +514,8 @@ def main(argv=None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args, (time.time() - t_start) / 60) * group["lr_scale"]
         loss = answer_loss(model, batch)
-        total = loss + visual_norm.take() if visual_norm is not None else loss
+        aux_loss, aux_stats = aux.take(batch["grounding_labels"])
+        total = loss + aux_loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -443,7 +530,7 @@ def main(argv=None) -> int:
         if step % 20 == 0:
             log.write(json.dumps({"step": step, "loss": round(loss.item(), 4), "lr": optimizer.param_groups[0]["lr"],
                                   "grad_norm": round(float(grad_norm), 3), "tokens_per_s": round(tokens_seen / elapsed),
-                                  "minutes": round(elapsed / 60, 2)}) + "\n")
+                                  "minutes": round(elapsed / 60, 2), **aux_stats}) + "\n")
             log.flush()
         now = time.time()
         finished = step >= args.steps or (args.max_minutes > 0 and now - t_start > args.max_minutes * 60)
@@ -453,6 +540,10 @@ def main(argv=None) -> int:
                 from safetensors.torch import save_file  # noqa: PLC0415
 
                 save_file({k: v.contiguous() for k, v in average.shadow.items()}, str(last / "ema.safetensors"))
+            if args.grounding_weight > 0:
+                from safetensors.torch import save_file  # noqa: PLC0415
+
+                save_file({k: v.contiguous() for k, v in aux.head.state_dict().items()}, str(last / "probe.safetensors"))
             t_ckpt = now
         if args.eval_videos > 0 and (now - t_eval > args.eval_minutes * 60 or finished):
             with (average.swapped_in(model) if average is not None else contextlib.nullcontext()):

@@ -160,18 +160,69 @@ def test_visual_norm_penalty_pulls_visual_tokens_to_text_scale(processor):
     model = Qwen2_5_VLForConditionalGeneration(train_qwen.build_config(args, processor.tokenizer))
     with torch.no_grad():
         model.model.visual.merger.mlp[2].bias.add_(5.0)              # visual tokens far above the text scale
-    penalty = train_qwen.VisualNormPenalty(model, weight=1.0)
+    aux = train_qwen.VisualAuxLosses(model, norm_weight=1.0, probe_weight=0.0)
     batch = train_qwen.make_batch(0, 2, args, processor.tokenizer)
     train_qwen.answer_loss(model, batch)
-    value = penalty.take()
-    visual = model.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"]).pooler_output
-    penalty.take()                                                   # the get_video_features call above
+    value, stats = aux.take(batch["grounding_labels"])
+    with torch.no_grad():                                            # not recorded: no gradient
+        visual = model.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"]).pooler_output
     text = model.model.language_model.embed_tokens.weight.norm(dim=-1).mean()
-    torch.testing.assert_close(value, torch.log(torch.cat(list(visual)).norm(dim=-1).mean() / text) ** 2)
-    assert value > 1.0
+    ratio = torch.cat(list(visual)).norm(dim=-1).mean() / text
+    torch.testing.assert_close(value, torch.log(ratio) ** 2)
+    assert value > 1.0 and stats["visual_norm_ratio"] == pytest.approx(float(ratio), abs=1e-3)
     value.backward()
     assert model.model.visual.merger.mlp[2].bias.grad.abs().sum() > 0
-    assert float(penalty.take()) == 0.0                              # nothing seen since
+    assert float(aux.take(batch["grounding_labels"])[0]) == 0.0     # nothing seen since
+
+
+def test_grounding_labels_mark_the_cells_that_show_each_object():
+    world = World(5)
+    num_frames, size = 12, 112
+    labels = train_qwen.grounding_labels(world, num_frames, size)
+    cells = size // 28
+    assert labels.shape == (num_frames // 2 * cells * cells, len(train_qwen.PROBE_CLASSES))
+    frames = world.render(num_frames, size).astype(float) / 255
+    from sparrow_kernels.data.world import BACKGROUND, COLORS
+
+    grid = labels.view(num_frames // 2, cells, cells, -1)
+    obj = train_qwen.PROBE_CLASSES.index("object")
+    checked = 0
+    for k, row, col in (grid[..., obj] > 0).nonzero().tolist():
+        names = [train_qwen.PROBE_CLASSES[i] for i in grid[k, row, col].nonzero().flatten().tolist()]
+        colors = [n for n in names if n in COLORS]
+        assert len(colors) >= 1 and sum(n in ("slow", "fast") for n in names) >= 1
+        cell = frames[2 * k:2 * k + 2, row * 28:(row + 1) * 28, col * 28:(col + 1) * 28].reshape(-1, 3)
+        # the cell shows a pixel of (one of) the labelled colors, far from the background
+        dist = min(abs(cell - torch.tensor(COLORS[c]).numpy()).sum(-1).min() for c in colors)
+        assert dist < 0.1 and abs(cell - torch.tensor(BACKGROUND).numpy()).sum(-1).max() > 0.5
+        checked += 1
+    assert checked >= num_frames // 2                                # objects exist in every token's frames
+    empty = grid[..., obj] == 0
+    assert (grid[empty] == 0).all()                                  # no attribute without an object
+
+
+def test_grounding_probe_trains_the_vision_tower(processor):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    args = train_qwen.parse_args(TINY)
+    model = Qwen2_5_VLForConditionalGeneration(train_qwen.build_config(args, processor.tokenizer))
+    aux = train_qwen.VisualAuxLosses(model, norm_weight=0.0, probe_weight=1.0)
+    batch = train_qwen.make_batch(0, 3, args, processor.tokenizer)
+    opt = torch.optim.AdamW(list(model.model.visual.parameters()) + list(aux.head.parameters()), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        train_qwen.answer_loss(model, batch)
+        value, stats = aux.take(batch["grounding_labels"])
+        opt.zero_grad()
+        value.backward()
+        assert model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(stats["probe_loss"])
+    assert losses[-1] < 0.8 * losses[0]
+    with pytest.raises(ValueError, match="grounding_labels has"):
+        train_qwen.answer_loss(model, batch)
+        aux.take(batch["grounding_labels"][1:])
 
 
 def test_stock_forward_learns_a_batch(processor):
@@ -198,13 +249,15 @@ def test_train_resume_export_load(tmp_path):
 
     out, export = tmp_path / "run", tmp_path / "export"
     common = TINY + ["--out", str(out), "--eval-videos", "1", "--eval-visual-tokens", "32",
-                     "--eval-max-new-tokens", "8", "--ema", "0.9"]
+                     "--eval-max-new-tokens", "8", "--ema", "0.9", "--grounding-weight", "0.5",
+                     "--visual-norm-weight", "0.5"]
     assert train_target_main(["--target-kind", "qwen2_5_vl", *common, "--steps", "2"]) == 0
     assert json.loads((out / "last" / "meta.json").read_text())["step"] == 2
     assert train_target_main(["--target-kind=qwen2_5_vl", *common, "--steps", "4", "--resume",
                               "--export", str(export)]) == 0
     assert json.loads((out / "last" / "meta.json").read_text())["step"] == 4
     assert (out / "last" / "ema.safetensors").is_file() and (out / "best" / "model.safetensors").is_file()
+    assert (out / "last" / "probe.safetensors").is_file()                     # the probe resumes too
     config = json.loads((export / "config.json").read_text())
     assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
     for name in ("model.safetensors", "generation_config.json", "tokenizer.json", "preprocessor_config.json",
@@ -219,6 +272,7 @@ def test_train_resume_export_load(tmp_path):
     assert isinstance(text, str)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any("eval_narration_facts" in r and "video_dependence" in r for r in log)
+    assert not (export / "probe.safetensors").exists()                       # training-only, not exported
 
 
 def test_unknown_target_kind_is_refused(capsys):
