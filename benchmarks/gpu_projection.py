@@ -56,8 +56,9 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def bench_ms(fn, device: torch.device) -> float:
-    """Median milliseconds of fn()."""
+def bench_ms(fn, device: torch.device, repeats: int = 7) -> float:
+    """Median milliseconds of fn() over `repeats` calls on the CPU (after one warm-up call; callers
+    that interleave methods pass 1 and take the median over their rounds)."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
@@ -76,9 +77,10 @@ def bench_ms(fn, device: torch.device) -> float:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         return statistics.median(times)
-    fn()
+    if repeats > 1:
+        fn()
     times = []
-    for _ in range(7):
+    for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(1e3 * (time.perf_counter() - t))

@@ -6,8 +6,9 @@ random K/V, costs do not depend on the values) with `attn_implementation` "sparr
 (`torch.ops.sparrow.window_attn` behind transformers' AttentionInterface, the tree passed as
 structure), "sdpa" and "eager" (both with the adapter's dense float tree mask), at L = 0.5k .. 25k
 cached tokens, for one node (a plain decode step) and for N-node trees. Every row also records the
-largest logit difference to "sdpa" (exactness, not speed). Timing: median wall-clock on the CPU,
-`triton.testing.do_bench` on CUDA (helpers shared with gpu_projection.py). It asserts nothing.
+largest logit difference to "sdpa" (exactness, not speed). Timing: median wall-clock over
+interleaved rounds on the CPU (every implementation once per round), `triton.testing.do_bench` on
+CUDA (helpers shared with gpu_projection.py). It asserts nothing.
 
     python benchmarks/hf_attention.py                              # CPU: 8-layer d=256 LM, 0.5k..25k
     python benchmarks/hf_attention.py --device cuda --shapes 7b    # Qwen2.5-VL-7B LM shapes (a lent GPU)
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -40,6 +42,7 @@ def parse_args(argv=None):
     ap.add_argument("--nodes", default="1,12", help="tree sizes N (1 = a decode step); 12 = the CPU tree")
     ap.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds (each times every impl once)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, L = 64,256, N = 1,4: the code path only")
     ap.add_argument("--out", default=str(HERE / "results"))
     return ap.parse_args(argv)
@@ -67,10 +70,17 @@ def main(argv=None) -> int:
                 depth, mask = random_tree(nodes, device)
                 tokens = torch.randint(0, min(1000, target.vocab_size - 8), (1, nodes), device=device)
                 logits, row = {}, {"cached_tokens": length, "nodes": nodes}
-                for impl in impls:
+                step = lambda: target.forward_tree(state, tokens, mask, depth, ())   # noqa: E731
+                for impl in impls:                              # warm-up and the exactness check
                     target.model.set_attn_implementation(impl)
-                    logits[impl] = target.forward_tree(state, tokens, mask, depth, ()).logits.float()
-                    row[f"{impl}_ms"] = bench_ms(lambda: target.forward_tree(state, tokens, mask, depth, ()), device)
+                    logits[impl] = step().logits.float()
+                times: dict[str, list[float]] = {impl: [] for impl in impls}
+                for _ in range(args.rounds):                    # interleaved rounds: drift hits every impl alike
+                    for impl in impls:
+                        target.model.set_attn_implementation(impl)
+                        times[impl].append(bench_ms(step, device, repeats=1))
+                for impl in impls:
+                    row[f"{impl}_ms"] = statistics.median(times[impl])
                 reference = logits.get("sdpa")
                 if reference is not None:
                     row["max_abs_logit_diff_vs_sdpa"] = {impl: float((value - reference).abs().max())
@@ -85,7 +95,8 @@ def main(argv=None) -> int:
             (platform.processor() or platform.machine()), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": __import__("transformers").__version__, "dtype": str(dtype),
             "shapes": dims, "model": "Qwen2_5_VLForConditionalGeneration (stock, random weights) via QwenVLTarget",
-            "argv": sys.argv, "label": "median ms of one forward_tree (decode step for nodes=1)"}
+            "argv": sys.argv, "label": "median ms of one forward_tree (decode step for nodes=1) over interleaved rounds",
+            "rounds": args.rounds}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "hf_attention_quick" if args.quick else f"hf_attention_{args.shapes}_{device.type}"
