@@ -241,7 +241,7 @@ def cmd_demo(args) -> int:
 def cmd_generate(args) -> int:
     import warnings
 
-    from sparrow_kernels.data.video_io import VideoTooLargeError, probe_video, read_video
+    from sparrow_kernels.data.video_io import VideoTooLargeError, probe_video, read_video, sampled_fps
     from sparrow_kernels.speculative.engine import SparrowGenerator, autoregressive_generate
 
     if not args.prompt.strip():
@@ -280,7 +280,7 @@ def cmd_generate(args) -> int:
     else:
         from sparrow_kernels.targets.base import VideoPrompt
 
-        prompt = VideoPrompt(frames=frames, prompt=args.prompt)
+        prompt = VideoPrompt(frames=frames, prompt=args.prompt, fps=sampled_fps(info, frames.shape[0]))
     decode = _decoder(target)
     if args.no_draft:
         res = autoregressive_generate(target, [prompt], args.max_new_tokens, temperature=args.temperature,

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from sparrow_kernels import cli
+from sparrow_kernels.data.video_io import write_video
 from sparrow_kernels.speculative.draft import committed_draft_dir
 from sparrow_kernels.targets.tinyvlm import DEFAULT_CHECKPOINT
 
@@ -24,18 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_clip(path: Path, frames: int, size: int = 32, options: dict | None = None) -> Path:
-    """An mpeg4 .mp4 of `frames` frames whose grey level encodes the frame index."""
-    with av.open(str(path), "w", options=options or {}) as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            rgb = torch.full((size, size, 3), 20 + 3 * i, dtype=torch.uint8).numpy()
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    """An mpeg4 .mp4 of `frames` frames whose grey level encodes the frame index (`options`:
+    the container's)."""
+    levels = (20 + 3 * torch.arange(frames, dtype=torch.int32)).clamp(max=255).to(torch.uint8)
+    return write_video(path, levels.view(-1, 1, 1, 1).expand(frames, size, size, 3), 8, codec="mpeg4",
+                       pix_fmt="yuv420p", container_options=options)
 
 
 @pytest.fixture(scope="module")

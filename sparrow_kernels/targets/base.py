@@ -18,12 +18,15 @@ class VideoPrompt:
 
     `frames` is `[T, H, W, 3]` uint8 (RGB) or float in [0, 1]; adapters resize/sample
     as their model needs. `prompt` is text (HF targets) or already-tokenized ids
-    (`prompt_ids`, the tiny VLM accepts both).
+    (`prompt_ids`, the tiny VLM accepts both). `fps` is the rate the frames were sampled at
+    (frames per second of the clip's time, e.g. T / duration for T evenly spaced frames);
+    targets with time-aligned positions (Qwen2.5-VL) use it, None means the adapter's default.
     """
 
     frames: torch.Tensor
     prompt: str | None = None
     prompt_ids: torch.Tensor | None = None
+    fps: float | None = None
 
 
 @dataclass

@@ -7,6 +7,7 @@ the text after the video is short). Must not copy or patch modeling code, nor do
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -62,7 +63,9 @@ class QwenVLTarget(HFVideoTarget):
     """`Target` over a stock `Qwen2_5_VLForConditionalGeneration`.
 
     With a processor (real checkpoints) a `VideoPrompt` becomes the model's chat prompt
-    (user turn: the video, then the text) processed with the frames as given at `video_fps`.
+    (user turn: the video, then the text) processed with the frames as given, at the prompt's
+    `fps` (the rate they were sampled at; `video_fps` when it is None), so the time-aligned
+    M-RoPE positions (`second_per_grid_ts` = temporal patch / fps) follow the clip's seconds.
     Without one (tiny random models), the input is `<vision_start> video tokens <vision_end>`
     followed by `prompt_ids`, frames resized to `video_size` (default: the frames' own size
     rounded to multiples of 28 pixels) and normalised with `qwen_video_patches`.
@@ -164,14 +167,23 @@ class QwenVLTarget(HFVideoTarget):
             "video": self.video_token_id, "image": self.image_token_id})
         ids = [self.vision_start_token_id] + [self.video_token_id] * n_video_tokens + [self.vision_end_token_id]
         ids += text_ids
-        return {"input_ids": torch.tensor([ids], dtype=torch.long), "pixel_values_videos": patches,
-                "video_grid_thw": grid_thw}
+        out = {"input_ids": torch.tensor([ids], dtype=torch.long), "pixel_values_videos": patches,
+               "video_grid_thw": grid_thw}
+        if prompt.fps is not None:
+            fps = float(prompt.fps)
+            if not (math.isfinite(fps) and fps > 0):
+                raise ValueError(f"prompts[{row}].fps must be a positive finite frame rate, got {prompt.fps!r}")
+            out["second_per_grid_ts"] = torch.tensor([vision.temporal_patch_size / fps], dtype=torch.float32)
+        return out
 
     def _processor_inputs(self, prompt: VideoPrompt, pixels: torch.Tensor, row: int) -> dict:
         text = chat_text(self.processor, prompt, row)
         frames = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)  # [T, 3, H, W]
         count = frames.shape[0]
-        metadata = {"total_num_frames": count, "fps": self.video_fps, "frames_indices": list(range(count))}
+        fps = self.video_fps if prompt.fps is None else float(prompt.fps)
+        if not (math.isfinite(fps) and fps > 0):
+            raise ValueError(f"prompts[{row}].fps must be a positive finite frame rate, got {prompt.fps!r}")
+        metadata = {"total_num_frames": count, "fps": fps, "frames_indices": list(range(count))}
         processed = self.processor(text=[text], videos=[frames], video_metadata=[metadata], return_tensors="pt")
         keep = ("input_ids", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
         out = {k: processed[k] for k in keep if k in processed}

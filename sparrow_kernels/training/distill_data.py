@@ -62,12 +62,16 @@ def tiny_prompt_ids(target, question: str | None) -> list[int]:
     return target.tokenizer.encode(question_text(question or CAPTION_QUESTION), add_bos=True)
 
 
-def _frames_of(sample: DistillSample) -> Tensor:
+def _frames_of(sample: DistillSample) -> tuple[Tensor, float | None]:
+    """The sample's frames and the rate they were sampled at (None for the tiny VLM's worlds)."""
     if sample.seed is not None:
         from ..data.synthetic import VideoWorld
 
-        return VideoWorld(sample.seed).render(sample.num_frames)                     # [T, 32, 32, 3] uint8
-    return read_video_frames(sample.video, sample.num_frames)
+        return VideoWorld(sample.seed).render(sample.num_frames), None               # [T, 32, 32, 3] uint8
+    from ..data.video_io import probe_video, sampled_fps
+
+    frames = read_video_frames(sample.video, sample.num_frames)
+    return frames, sampled_fps(probe_video(sample.video), frames.shape[0])
 
 
 def read_video_frames(path: str, num_frames: int) -> Tensor:
@@ -78,8 +82,12 @@ def read_video_frames(path: str, num_frames: int) -> Tensor:
 
 
 def prompts_of(group: DistillGroup, with_answer: bool = False) -> list[VideoPrompt]:
-    return [VideoPrompt(frames=_frames_of(s), prompt_ids=torch.tensor(
-        s.prompt_ids + (s.answer_ids if with_answer else []), dtype=torch.long)) for s in group.samples]
+    prompts = []
+    for s in group.samples:
+        frames, fps = _frames_of(s)
+        prompts.append(VideoPrompt(frames=frames, fps=fps, prompt_ids=torch.tensor(
+            s.prompt_ids + (s.answer_ids if with_answer else []), dtype=torch.long)))
+    return prompts
 
 
 def answer_groups(target, groups: list[DistillGroup], max_new_tokens: int, progress: bool = True,

@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-fraction", type=float, default=0.8, help="caption prompts vs QA prompts")
     p.add_argument("--max-new-tokens", type=int, default=80)
     p.add_argument("--data", default=None, help="HF targets: JSON list of {video, prompt, num_frames}")
+    p.add_argument("--eval-data", default=None,
+                   help="HF targets: held-out JSON list of {video, prompt, num_frames}, evaluated per frame count")
     p.add_argument("--data-cache", default=None, help="directory for the distilled answers (default --out)")
     p.add_argument("--cache-dir", default=None, help="cache target hidden states here (default: online)")
     p.add_argument("--cache-budget-mb", type=float, default=2048.0)
@@ -342,6 +344,8 @@ def train(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     vata, ivsb, mtp = resolve_flags(args)
+    if args.eval_data and not args.data:
+        raise ValueError("--eval-data is the held-out set of --data (HF targets); pass --data too")
     steps_unrolled = args.mtp_steps if mtp else 1
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -371,7 +375,8 @@ def train(args: argparse.Namespace) -> dict:
                      "max_new_tokens": args.max_new_tokens}
         def make_train():
             return file_plan(target, args.data, args.batch_size)
-        eval_sets = []
+        eval_sets = sorted({g.num_frames for g in file_plan(target, args.eval_data, args.batch_size)}) \
+            if args.eval_data else []
     else:
         plan_meta = {"target": fingerprint, "groups": args.train_groups, "batch": args.batch_size,
                      "frames": [args.frames_min, args.frames_max], "captions": args.caption_fraction,
@@ -388,12 +393,17 @@ def train(args: argparse.Namespace) -> dict:
     for frames in eval_sets:
         meta = {"target": fingerprint, "heldout_frames": frames, "groups": args.eval_groups,
                 "batch": args.batch_size, "max_new_tokens": args.max_new_tokens}
+        if args.data:
+            meta["data"] = str(Path(args.eval_data).resolve())
+            plan = lambda f=frames: [g for g in file_plan(target, args.eval_data, args.batch_size)   # noqa: E731
+                                     if g.num_frames == f][:args.eval_groups]
+        else:
+            plan = lambda f=frames: tiny_plan(target, args.eval_groups, args.batch_size, f, f, 7,  # noqa: E731
+                                              caption_fraction=1.0, heldout=True, frames=f)
         ekey = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
         eval_keys[frames] = ekey
         eval_groups[frames] = cached_answered_groups(
-            target, data_dir / f"distill_eval_{ekey}.json", meta,
-            lambda f=frames: tiny_plan(target, args.eval_groups, args.batch_size, f, f, 7, caption_fraction=1.0,
-                                       heldout=True, frames=f),
+            target, data_dir / f"distill_eval_{ekey}.json", meta, plan,
             args.max_new_tokens, progress, f"distill eval answers ({frames} frames)")
     layers = sorted({*config.feature_layers, last_layer, ivsb_layer})
     store = HiddenStateStore(target, layers, args.cache_dir, args.cache_budget_mb, key)
@@ -514,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     result = train(args)
     for tokens, ev in result["eval"].items():
-        print(f"held-out {tokens} visual tokens: top-1 agreement per unrolled step {ev['top1_per_step']} "
+        print(f"held-out, {tokens} frames: top-1 agreement per unrolled step {ev['top1_per_step']} "
               f"(chain tau estimate {ev['chain_tau_estimate']})")
     return 0
 

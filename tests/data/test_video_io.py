@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sparrow_kernels.data import video_io
 from sparrow_kernels.data.video_io import VideoTooLargeError, probe_video, read_video, uniform_indices
 
 av = pytest.importorskip("av")
@@ -43,21 +44,15 @@ def synthetic_frames(count: int = FRAMES) -> torch.Tensor:
 
 def write_video(path: Path, codec: str, pix_fmt: str, frames: torch.Tensor, rate: int = RATE,
                 options: dict | None = None) -> Path:
+    """The library's writer with a codec of this test (skipped where PyAV lacks the encoder);
+    `options` here are the container's (movflags)."""
     try:
         av.codec.Codec(codec, "w")
     except Exception:  # noqa: BLE001 (PyAV builds differ in the encoders they ship)
         pytest.skip(f"this PyAV build has no {codec} encoder")
-    with av.open(str(path), "w", options=options or {}) as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        if codec in ("libx264", "mpeg4", "mjpeg"):
-            stream.options = {"qscale": "2"} if codec != "libx264" else {"crf": "10"}
-        for rgb in frames.numpy():
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    quality = {"libx264": {"crf": "10"}, "mpeg4": {"qscale": "2"}, "mjpeg": {"qscale": "2"}}.get(codec, {})
+    return video_io.write_video(path, frames, rate, codec=codec, pix_fmt=pix_fmt, options=quality,
+                                container_options=options)
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +256,29 @@ def test_paths_that_are_not_video_files(tmp_path):
     os.symlink(tmp_path / "missing.mp4", dangling)
     with pytest.raises(FileNotFoundError, match="gone.mp4 .a symbolic link to .*missing.mp4, which does not exist"):
         read_video(dangling)
+
+
+def test_write_video_default_is_near_lossless_and_states_its_rate(tmp_path):
+    frames = (torch.rand(10, 28, 56, 3) * 255).to(torch.uint8)
+    frames[:, :, :28] = torch.tensor([240, 30, 20], dtype=torch.uint8)        # a flat red half
+    path = video_io.write_video(tmp_path / "clip.mp4", frames, fps=2.5)
+    info = probe_video(path)
+    assert (info.frame_count, info.height, info.width) == (10, 28, 56)
+    assert info.fps == pytest.approx(2.5) and info.duration == pytest.approx(4.0)
+    back = read_video(path)
+    assert (back[:, :, :28].int() - frames[:, :, :28].int()).abs().max() <= 2
+    assert video_io.sampled_fps(info, 4) == pytest.approx(1.0)                  # 4 frames over 4 seconds
+    assert video_io.sampled_fps(info, 0) is None
+
+
+@pytest.mark.parametrize("frames, fps, match", [
+    (torch.zeros(2, 8, 8, 3), 2.0, "uint8"),
+    (torch.zeros(2, 8, 8, dtype=torch.uint8), 2.0, r"\[T>=1, H, W, 3\]"),
+    (torch.zeros(0, 8, 8, 3, dtype=torch.uint8), 2.0, r"\[T>=1, H, W, 3\]"),
+    (torch.zeros(2, 8, 8, 3, dtype=torch.uint8), 0.0, "fps must be a positive"),
+    (torch.zeros(2, 8, 8, 3, dtype=torch.uint8), float("nan"), "fps must be a positive"),
+])
+def test_write_video_bad_arguments(tmp_path, frames, fps, match):
+    with pytest.raises(ValueError, match=match):
+        video_io.write_video(tmp_path / "x.mp4", frames, fps)
+    assert not (tmp_path / "x.mp4").exists()

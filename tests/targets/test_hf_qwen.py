@@ -250,3 +250,26 @@ def test_processor_path_builds_chat_inputs_and_time_scale():
     assert torch.equal(from_ids.input_ids, row.input_ids)
     with pytest.raises(ValueError, match=r"prompts\[0\].prompt \(text\) or prompt_ids is required"):
         target.prefill([VideoPrompt(frames=random_frames(2, 56, 56, 0))], [], 100)
+
+
+def test_prompt_fps_sets_the_time_scale_on_both_input_paths():
+    """A prompt's own frame rate (frames sampled from a clip of known duration) overrides the
+    adapter's default: second_per_grid_ts = temporal patch / fps, on the processor path and on
+    the processor-less one, and the temporal M-RoPE rows follow the clip's seconds."""
+    base = make_target("eager")
+    with_processor = QwenVLTarget(base.model, processor=FakeQwenProcessor(base), video_fps=0.5)
+    frames = random_frames(6, 56, 56, 3)
+    row = with_processor._row_inputs(VideoPrompt(frames=frames, prompt="hi", fps=2.0), 0)
+    torch.testing.assert_close(row.model_kwargs["second_per_grid_ts"], torch.tensor([1.0]))
+    assert sorted(set(row.positions[0, 1:13].tolist())) == [1, 3, 5]           # 1 s apart, 2 tokens per second
+    direct = make_target("eager")
+    plain = direct._row_inputs(VideoPrompt(frames=frames, prompt_ids=[7, 8]), 0)
+    assert "second_per_grid_ts" not in plain.model_kwargs
+    timed = direct._row_inputs(VideoPrompt(frames=frames, prompt_ids=[7, 8], fps=0.5), 0)
+    torch.testing.assert_close(timed.model_kwargs["second_per_grid_ts"], torch.tensor([4.0]))
+    assert sorted(set(timed.positions[0, 1:13].tolist())) == [1, 9, 17]
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        for target, prompt in ((with_processor, VideoPrompt(frames=frames, prompt="hi", fps=bad)),
+                               (direct, VideoPrompt(frames=frames, prompt_ids=[7, 8], fps=bad))):
+            with pytest.raises(ValueError, match=r"prompts\[0\]\.fps must be a positive finite frame rate"):
+                target._row_inputs(prompt, 0)

@@ -193,8 +193,10 @@ def test_file_plan_groups_local_videos_by_frame_count(target_dir, tmp_path):
         container.mux(stream.encode())
     for sample in groups[0].samples:
         sample.video = str(video)
-    frames = prompts_of(groups[0])[0].frames
+    prompt = prompts_of(groups[0])[0]
+    frames = prompt.frames
     assert frames.shape == (4, 32, 32, 3) and frames.dtype == torch.uint8
+    assert prompt.fps == pytest.approx(4 / 1.5, rel=0.02)          # 4 of 12 frames at 8 fps: 4 per 1.5 s
     assert frames[0].float().mean() < frames[-1].float().mean()                # spread over the clip
     (tmp_path / "bad.json").write_text(json.dumps([{"video": "a.mp4", "prompt": "x"}]))
     with pytest.raises(ValueError, match="entry 0 lacks 'num_frames'"):
@@ -234,3 +236,8 @@ def test_training_lays_out_entries_as_inference_does(visual_kv):
         expect = seqs.hidden[1][b, index[b, :n]]                               # feature = this kept position
         assert torch.equal(batch.features[b, :n], expect)
         assert int(tokens[b, n]) == int(first[b])
+
+
+def test_eval_data_needs_data(tmp_path):
+    with pytest.raises(ValueError, match="--eval-data is the held-out set of --data"):
+        train_draft.main(["--out", str(tmp_path), "--eval-data", str(tmp_path / "pairs.json"), "--steps", "1"])
