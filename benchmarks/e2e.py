@@ -87,30 +87,37 @@ def load_drafts(args, target):
     return {name: SparrowDraft.load(path, target).to(target.device) for name, path in specs.items()}
 
 
-CAPTION_REQUEST = "Describe the video in detail."
+HF_FRAME_SIZE = 112          # the narrated world's clips are rendered at this size (as trained)
 
 
 def video_prompt(target, visual_tokens: int, index: int):
-    """Held-out synthetic video `index` sampled densely enough for about `visual_tokens`
-    visual tokens, with the detailed-caption request. The tiny LM knows its own token
-    budget; for an HF target the tokens per frame are measured through its preprocessing
-    (its processor resizes the frames; without one, a few fixed text ids stand in)."""
-    from sparrow_kernels.data.synthetic import VideoWorld, heldout_seed
+    """A held-out clip sampled densely enough for about `visual_tokens` visual tokens, with the
+    detailed-description request. The tiny LM gets its own synthetic world and knows its token
+    budget; an HF target gets the narrated world (data/world.py, held-out seed 7000 + index,
+    frames of 112 x 112 at the frame rate the sampling implies), its tokens per frame measured
+    through its own preprocessing (without a processor, a few fixed text ids stand in)."""
     from sparrow_kernels.targets.base import VideoPrompt
 
-    world = VideoWorld(heldout_seed(1000 + index))
     if hasattr(target, "frames_for"):
+        from sparrow_kernels.data.synthetic import VideoWorld, heldout_seed
+
+        world = VideoWorld(heldout_seed(1000 + index))
         return target.make_prompt(world.render(target.frames_for(visual_tokens)))
+    from sparrow_kernels.data.narration import NARRATION_PROMPTS
+    from sparrow_kernels.data.world import World, heldout_world_seed
 
-    def prompt(frames):
+    world = World(heldout_world_seed(7000 + index))
+
+    def prompt(count):
+        frames = torch.from_numpy(world.render(count, HF_FRAME_SIZE))
+        fps = count / world.duration
         if target.tokenizer is not None:
-            return VideoPrompt(frames=frames, prompt=CAPTION_REQUEST)
-        return VideoPrompt(frames=frames, prompt_ids=torch.arange(4, 12))
+            return VideoPrompt(frames=frames, prompt=NARRATION_PROMPTS[0], fps=fps)
+        return VideoPrompt(frames=frames, prompt_ids=torch.arange(4, 12), fps=fps)
 
-    two, four = target.prompt_lengths([prompt(world.render(2)), prompt(world.render(4))])
+    two, four = target.prompt_lengths([prompt(2), prompt(4)])
     per_frame = max(1, (four - two) // 2)                           # even counts: temporal patches of 2
-    frames = max(2, 2 * round((visual_tokens - (two - 2 * per_frame)) / (2 * per_frame)))
-    return prompt(world.render(frames))
+    return prompt(max(2, 2 * round((visual_tokens - (two - 2 * per_frame)) / (2 * per_frame))))
 
 
 class PrefillOnce:

@@ -24,6 +24,7 @@ from torch import Tensor
 from .. import ops
 from ..speculative.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, SparrowDraft
 from ..speculative.draft_inputs import kept_mask, kept_positions, shift_pairs
+from .loop import lr_at
 from .distill_data import (DistillGroup, HiddenStateStore, TargetSequences, cached_answered_groups, file_plan,
                            tiny_plan)
 
@@ -290,13 +291,6 @@ def make_draft_config(target, args, vata: bool, ivsb: bool) -> DraftConfig:
         vocab_size=target.vocab_size, feature_layers=parse_layers(args.feature_layers, target.num_layers),
         window=args.window if vata else 0, n_anchor=args.n_anchor if vata else 0, visual_kv=not vata,
         visual_feature_layer=ivsb_layer if (ivsb and not vata) else None)
-
-
-def lr_at(step: int, args) -> float:
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def group_schedule(n_groups: int, steps: int, seed: int) -> list[int]:

@@ -10,21 +10,19 @@ HF model directory. It must not patch modeling code, touch the committed checkpo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..data.narration import (NARRATION_PROMPTS, QUESTION_KINDS, SUMMARY_PROMPTS, fact_fraction,
                               make_question, narration, score_narration, summary)
 from ..data.world import COLORS, DIRECTIONS, SHAPES, SPEEDS, World, heldout_world_seed
-from .train_target import WeightAverage, lr_at, set_threads
+from .loop import TrainJob, resume_step, run
+from .train_target import set_threads
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
                    "preprocessor_config.json", "video_preprocessor_config.json", "special_tokens_map.json")
@@ -267,6 +265,7 @@ def reinit_vision(model, seed: int = 0) -> None:
 
 PROBE_CLASSES = tuple(COLORS) + tuple(SHAPES) + tuple(DIRECTIONS) + tuple(SPEEDS) + ("object",)
 PROBE_POS_WEIGHT = 4.0
+PROBE_FILE = "probe.safetensors"          # OUT/last only: the probe head is never part of the model
 PROBE_GROUPS = {"color": tuple(COLORS), "shape": tuple(SHAPES), "direction": tuple(DIRECTIONS),
                 "speed": tuple(SPEEDS), "object": ("object",)}
 
@@ -457,7 +456,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = load_tokenizer_dir(args, out)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    last, best_dir = out / "last", out / "best"
+    last = out / "last"
     if args.resume and (last / "model.safetensors").is_file():
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(last), dtype=torch.float32,
                                                                    attn_implementation="sdpa", local_files_only=True)
@@ -481,101 +480,62 @@ def main(argv=None) -> int:
         optimizer.add_param_group({"params": list(aux.head.parameters()), "weight_decay": 0.0,
                                    "lr_scale": args.vision_lr_scale})
     step = 0
-    if args.resume and (last / "train_state.pt").is_file():
-        state = torch.load(last / "train_state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        print(f"resumed from {last} at step {step}", flush=True)
-    if args.resume and (last / "probe.safetensors").is_file():
-        from safetensors.torch import load_file  # noqa: PLC0415
+    if args.resume:
+        step = resume_step(last, optimizer)
+        if step:
+            print(f"resumed from {last} at step {step}", flush=True)
+        if (last / PROBE_FILE).is_file():
+            from safetensors.torch import load_file  # noqa: PLC0415
 
-        aux.head.load_state_dict(load_file(str(last / "probe.safetensors")))
-    average = WeightAverage(model, args.ema) if args.ema > 0 else None
-    if average is not None and args.resume and (last / "ema.safetensors").is_file():
-        from safetensors.torch import load_file  # noqa: PLC0415
-
-        average.shadow.update(load_file(str(last / "ema.safetensors")))
-    best_score = -1.0
-    if (best_dir / "meta.json").is_file():
-        best_score = float(json.loads((best_dir / "meta.json").read_text()).get("eval_mean", -1.0))
-    log = open(out / "log.jsonl", "a")
+            aux.head.load_state_dict(load_file(str(last / PROBE_FILE)))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Qwen2.5-VL: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}; training to step {args.steps}",
           flush=True)
-    budgets = [int(x) for x in str(args.eval_visual_tokens).split(",") if x]
-
-    t_start = time.time()
-    t_ckpt = t_eval = t_start
-    tokens_seen = 0
-    bar = tqdm(total=args.steps, initial=step, desc="train-target qwen2_5_vl", mininterval=10)
-    model.train()
-    while step < args.steps:
-        batch = make_batch(args.seed, step, args, tokenizer)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args, (time.time() - t_start) / 60) * group["lr_scale"]
-        loss = answer_loss(model, batch)
-        aux_loss, aux_stats = aux.take(batch["grounding_labels"])
-        total = loss + aux_loss
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        if average is not None:
-            average.update(model, step)
-        tokens_seen += int(batch["attention_mask"].sum())
-        elapsed = time.time() - t_start
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
-        if step % 20 == 0:
-            log.write(json.dumps({"step": step, "loss": round(loss.item(), 4), "lr": optimizer.param_groups[0]["lr"],
-                                  "grad_norm": round(float(grad_norm), 3), "tokens_per_s": round(tokens_seen / elapsed),
-                                  "minutes": round(elapsed / 60, 2), **aux_stats}) + "\n")
-            log.flush()
-        now = time.time()
-        finished = step >= args.steps or (args.max_minutes > 0 and now - t_start > args.max_minutes * 60)
-        if now - t_ckpt > args.checkpoint_minutes * 60 or finished:
-            save_model_dir(last, model, tokenizer_dir, optimizer, step, {"loss": loss.item()})
-            if average is not None:
-                from safetensors.torch import save_file  # noqa: PLC0415
-
-                save_file({k: v.contiguous() for k, v in average.shadow.items()}, str(last / "ema.safetensors"))
-            if args.grounding_weight > 0:
-                from safetensors.torch import save_file  # noqa: PLC0415
-
-                save_file({k: v.contiguous() for k, v in aux.head.state_dict().items()}, str(last / "probe.safetensors"))
-            t_ckpt = now
-        if args.eval_videos > 0 and (now - t_eval > args.eval_minutes * 60 or finished):
-            with (average.swapped_in(model) if average is not None else contextlib.nullcontext()):
-                model.eval()
-                dependence = video_dependence(model, make_batch(args.seed + 1, 10**6, args, tokenizer))
-                acc = {v: narration_accuracy(model, tokenizer, v, args.eval_videos, args.eval_first_video,
-                                             args.eval_max_new_tokens)[0] for v in budgets}
-                mean = float(np.mean(list(acc.values())))
-                improved = mean > best_score
-                if improved:
-                    best_score = mean
-                    save_model_dir(best_dir, model, tokenizer_dir, None, step, {"eval_mean": mean, "ema": args.ema})
-            model.train()
-            record = {"step": step, "eval_narration_facts": {str(k): round(v, 4) for k, v in acc.items()},
-                      "video_dependence": round(dependence, 4),
-                      "eval_mean": round(mean, 4), "best": improved, "minutes": round((time.time() - t_start) / 60, 2)}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            tqdm.write(json.dumps(record))
-            t_eval = time.time()
-        if finished:
-            break
-    bar.close()
-    if args.export:
-        source = best_dir if args.export_which == "best" and (best_dir / "model.safetensors").is_file() else last
-        if source == last and average is not None:
-            with average.swapped_in(model):
-                save_model_dir(out / "last_ema", model, tokenizer_dir, None, step, {"ema": args.ema})
-            source = out / "last_ema"
-        export_model_dir(source, Path(args.export))
-        print(f"exported {source} to {args.export}", flush=True)
+    run(QwenJob(model, tokenizer, tokenizer_dir, aux, args), args, out, optimizer, step)
     return 0
+
+
+class QwenJob(TrainJob):
+    """The stock Qwen2.5-VL's batches, answer loss (+ the training-only visual losses), HF model
+    directories and narration eval for `loop.run`."""
+
+    desc = "train-target qwen2_5_vl"
+    log_every = 20
+
+    def __init__(self, model, tokenizer, tokenizer_dir: Path, aux: VisualAuxLosses, args):
+        self.model, self.tokenizer, self.tokenizer_dir, self.aux, self.args = model, tokenizer, tokenizer_dir, aux, args
+
+    def make_batch(self, step: int) -> dict:
+        return make_batch(self.args.seed, step, self.args, self.tokenizer)
+
+    def losses(self, batch: dict):
+        loss = answer_loss(self.model, batch)
+        aux_loss, aux_stats = self.aux.take(batch["grounding_labels"])
+        return loss, loss + aux_loss, aux_stats
+
+    def tokens(self, batch: dict) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def save(self, directory: Path, optimizer, step: int, extra: dict) -> None:
+        save_model_dir(directory, self.model, self.tokenizer_dir, optimizer, step, extra)
+
+    def save_training_state(self, directory: Path) -> None:
+        if self.args.grounding_weight > 0:
+            from safetensors.torch import save_file  # noqa: PLC0415
+
+            save_file({k: v.contiguous() for k, v in self.aux.head.state_dict().items()}, str(directory / PROBE_FILE))
+
+    def evaluate(self) -> tuple[dict, float]:
+        args = self.args
+        dependence = video_dependence(self.model, make_batch(args.seed + 1, 10**6, args, self.tokenizer))
+        budgets = [int(x) for x in str(args.eval_visual_tokens).split(",") if x]
+        acc = {v: narration_accuracy(self.model, self.tokenizer, v, args.eval_videos, args.eval_first_video,
+                                     args.eval_max_new_tokens)[0] for v in budgets}
+        return ({"eval_narration_facts": {str(k): round(v, 4) for k, v in acc.items()},
+                 "video_dependence": round(dependence, 4)}, float(np.mean(list(acc.values()))))
+
+    def export(self, source: Path, destination: Path) -> None:
+        export_model_dir(source, destination)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 Data is generated on the fly from seeds (stateless: batch k is a function of the run seed
 and k, so a resumed run sees exactly the batches it would have seen). fp32 by default
-(bf16 autocast with --bf16: faster only on CPUs with native bf16), AdamW with a cosine
-schedule, tqdm progress, periodic safetensors checkpoints with a config JSON and the
-tokenizer, resume, an optional exponential moving average of the weights, and a quick
+(bf16 autocast with --bf16: faster only on CPUs with native bf16), AdamW; the shared loop
+(training/loop.py: cosine schedule, weight average, checkpoints, resume, export) runs it with
+this module's batches, safetensors checkpoints with a config JSON and the tokenizer, and a quick
 caption-accuracy eval on validation videos (held-out seeds from `--eval-first-video` on, apart
 from the test videos that `benchmarks/caption_accuracy.py` scores) that keeps the best
 checkpoint in OUT/best. It must not touch the committed checkpoint unless asked (`--export`).
@@ -12,25 +12,22 @@ checkpoint in OUT/best. It must not touch the committed checkpoint unless asked 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import math
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..data.synthetic import (CAPTION_QUESTION, VideoWorld, heldout_seed, question_text,
                               score_caption)
 from ..data.tokenizer import WordTokenizer
 from ..ops.threads import pick_threads
 from ..targets.tinyvlm import TinyVLM, TinyVLMConfig, TinyVLMTarget
+from .loop import TrainJob, resume_step, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -174,48 +171,10 @@ def export_checkpoint(src: Path, dst: Path) -> None:
         shutil.copy2(src / name, dst / name)
 
 
-class WeightAverage:
-    """Exponential moving average of a model's floating-point state (parameters and buffers),
-    kept in fp32 beside the model; `swapped_in` puts the average into the model for an eval or
-    a save and restores the trained weights afterwards."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"--ema must lie in (0, 1), got {decay}")
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()
-                       if v.is_floating_point()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))            # short warm-up of the average
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v.detach().float(), 1.0 - decay)
-
-    @contextlib.contextmanager
-    def swapped_in(self, model: torch.nn.Module):
-        saved = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
-        model.load_state_dict({**model.state_dict(), **self.shadow})
-        try:
-            yield model
-        finally:
-            model.load_state_dict({**model.state_dict(), **saved})
-
-
 def set_threads(requested: int) -> None:
     """Fixed thread count, or (0) the load-aware rule the demo and generate use too
     (sparrow_kernels.ops.threads: 2 threads on an idle 2-core machine, 1 when it is busy)."""
     pick_threads(requested)
-
-
-def lr_at(step: int, args, minutes: float = 0.0) -> float:
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-    if args.lr_by_time and args.max_minutes > 0:
-        progress = max(progress, min(1.0, minutes / args.max_minutes))
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def main(argv=None) -> int:
@@ -254,7 +213,6 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95))
-    step = 0
     last = out / "last"
     if args.init:
         from safetensors.torch import load_file
@@ -266,98 +224,58 @@ def main(argv=None) -> int:
                              f"({init_cfg} vs {cfg})")
         model.load_state_dict(load_file(str(init / "model.safetensors")))
         print(f"initialized from {init}", flush=True)
+    step = 0
     if args.resume and (last / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(last / "model.safetensors")))
-        if (last / "train_state.pt").is_file():
-            train_state = torch.load(last / "train_state.pt", weights_only=True)
-            optimizer.load_state_dict(train_state["optimizer"])
-            step = int(train_state["step"])
+        step = resume_step(last, optimizer)
         print(f"resumed from {last} at step {step}", flush=True)
-    average = WeightAverage(model, args.ema) if args.ema > 0 else None
-    if average is not None and args.resume and (last / "ema.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        average.shadow.update(load_file(str(last / "ema.safetensors")))
-    best_dir = out / "best"
-    best_score = -1.0
-    if (best_dir / "meta.json").is_file():
-        best_score = float(json.loads((best_dir / "meta.json").read_text()).get("eval_mean", -1.0))
-    log = open(out / "log.jsonl", "a")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tiny VLM: {n_params / 1e6:.2f}M parameters, vocab {tok.vocab_size}; training {args.steps} steps",
           flush=True)
-
-    t_start = time.time()
-    t_ckpt = t_eval = t_start
-    tokens_seen = 0
-    bar = tqdm(total=args.steps, initial=step, desc="train-target", mininterval=5)
-    model.train()
-    while step < args.steps:
-        frames, ids, mask = make_batch(args.seed, step, args, tok, cfg.patches_per_frame)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args, (time.time() - t_start) / 60)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model.forward_train(frames, ids)                               # [B, L, V]
-        labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, cfg.vocab_size), labels.reshape(-1),
-                               ignore_index=-100)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        if average is not None:
-            average.update(model, step)
-        tokens_seen += frames.shape[0] * (frames.shape[1] * cfg.patches_per_frame + ids.shape[1])
-        elapsed = time.time() - t_start
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
-        if step % 25 == 0:
-            set_threads(args.threads)
-            log.write(json.dumps({"step": step, "loss": round(loss.item(), 4), "lr": optimizer.param_groups[0]["lr"],
-                                  "grad_norm": round(float(grad_norm), 3), "tokens_per_s": round(tokens_seen / elapsed),
-                                  "minutes": round(elapsed / 60, 2)}) + "\n")
-            log.flush()
-        now = time.time()
-        finished = step >= args.steps or (args.max_minutes > 0 and now - t_start > args.max_minutes * 60)
-        if now - t_ckpt > args.checkpoint_minutes * 60 or finished:
-            save_checkpoint(last, model, tok, optimizer, step, {"loss": loss.item()})
-            if average is not None:
-                from safetensors.torch import save_file
-
-                save_file({k: v.contiguous() for k, v in average.shadow.items()}, str(last / "ema.safetensors"))
-            t_ckpt = now
-        if now - t_eval > args.eval_minutes * 60 or finished:
-            model.eval()
-            with (average.swapped_in(model) if average is not None else contextlib.nullcontext()):
-                acc = {f: caption_accuracy(model, tok, f, args.eval_videos, args.eval_first_video) for f in (31, 94)}
-                mean = sum(acc.values()) / len(acc)
-                improved = mean > best_score
-                if improved:
-                    best_score = mean
-                    save_checkpoint(best_dir, model, tok, None, step, {"eval_mean": mean, "ema": args.ema})
-            model.train()
-            record = {"step": step, "eval_caption_facts": {str(k): round(v, 4) for k, v in acc.items()},
-                      "eval_mean": round(mean, 4), "best": improved,
-                      "minutes": round((time.time() - t_start) / 60, 2)}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            tqdm.write(json.dumps(record))
-            t_eval = time.time()
-        if finished:
-            break
-    bar.close()
-    if args.export:
-        source = best_dir if args.export_which == "best" and (best_dir / "model.safetensors").is_file() else last
-        if source == last and average is not None:
-            with average.swapped_in(model):
-                save_checkpoint(out / "last_ema", model, tok, None, step, {"ema": args.ema})
-            source = out / "last_ema"
-        export_checkpoint(source, Path(args.export))
-        print(f"exported {source} to {args.export}", flush=True)
+    run(TinyVLMJob(model, tok, args), args, out, optimizer, step)
     return 0
+
+
+class TinyVLMJob(TrainJob):
+    """The tiny video LM's batches, loss, checkpoint files and caption eval for `loop.run`."""
+
+    desc = "train-target"
+    log_every = 25
+
+    def __init__(self, model: TinyVLM, tok: WordTokenizer, args):
+        self.model, self.tok, self.args = model, tok, args
+
+    def make_batch(self, step: int):
+        return make_batch(self.args.seed, step, self.args, self.tok, self.model.cfg.patches_per_frame)
+
+    def losses(self, batch):
+        frames, ids, mask = batch
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16):
+            logits = self.model.forward_train(frames, ids)                          # [B, L, V]
+        labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, self.model.cfg.vocab_size), labels.reshape(-1),
+                               ignore_index=-100)
+        return loss, loss, {}
+
+    def tokens(self, batch) -> int:
+        frames, ids, _ = batch
+        return frames.shape[0] * (frames.shape[1] * self.model.cfg.patches_per_frame + ids.shape[1])
+
+    def save(self, directory: Path, optimizer, step: int, extra: dict) -> None:
+        save_checkpoint(directory, self.model, self.tok, optimizer, step, extra)
+
+    def evaluate(self) -> tuple[dict, float]:
+        acc = {f: caption_accuracy(self.model, self.tok, f, self.args.eval_videos, self.args.eval_first_video)
+               for f in (31, 94)}
+        return {"eval_caption_facts": {str(k): round(v, 4) for k, v in acc.items()}}, sum(acc.values()) / len(acc)
+
+    def export(self, source: Path, destination: Path) -> None:
+        export_checkpoint(source, destination)
+
+    def on_log(self) -> None:
+        set_threads(self.args.threads)
 
 
 if __name__ == "__main__":

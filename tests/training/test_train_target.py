@@ -86,7 +86,7 @@ def test_init_starts_from_a_checkpoint_and_rejects_another_architecture(tmp_path
 
 
 def test_lr_by_time_anneals_by_wall_clock():
-    from sparrow_kernels.training.train_target import lr_at
+    from sparrow_kernels.training.loop import lr_at
 
     args = parse_args(SMALL + ["--steps", "1000", "--max-minutes", "10", "--lr-by-time"])
     assert lr_at(500, args, minutes=10.0) == pytest.approx(args.lr * args.min_lr_ratio)   # time ran out first
@@ -94,7 +94,7 @@ def test_lr_by_time_anneals_by_wall_clock():
 
 
 def test_weight_average_tracks_and_swaps_back():
-    from sparrow_kernels.training.train_target import WeightAverage
+    from sparrow_kernels.training.loop import WeightAverage
 
     model = torch.nn.Linear(3, 2)
     start = {k: v.clone() for k, v in model.state_dict().items()}
