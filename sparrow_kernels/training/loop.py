@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -97,6 +98,32 @@ class TrainJob:
 
     def on_log(self) -> None:
         """Called at every log line (e.g. re-check the thread count)."""
+
+
+@contextlib.contextmanager
+def checkpoint_dir(directory: Path, optimizer=None, step: int = 0, extra: dict | None = None):
+    """Yield a scratch directory beside `directory` for the caller's model files; then add
+    TRAIN_STATE (with an optimizer) and meta.json ({"step", **extra}) and swap it into place, so a
+    run killed mid-save keeps its previous checkpoint."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / TRAIN_STATE)
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+
+
+def copy_files(source: Path, destination: Path, names, required: bool = False) -> None:
+    """Copy the named files of `source` that exist (all of them when `required`) to `destination`."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if required or (source / name).is_file():
+            shutil.copy2(source / name, destination / name)
 
 
 def resume_step(last: Path, optimizer) -> int:

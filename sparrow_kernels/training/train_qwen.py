@@ -10,9 +10,7 @@ HF model directory. It must not patch modeling code, touch the committed checkpo
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ import torch
 from ..data.narration import (NARRATION_PROMPTS, QUESTION_KINDS, SUMMARY_PROMPTS, fact_fraction,
                               make_question, narration, score_narration, summary)
 from ..data.world import COLORS, DIRECTIONS, SHAPES, SPEEDS, World, heldout_world_seed
-from .loop import TrainJob, resume_step, run
+from .loop import TrainJob, checkpoint_dir, copy_files, resume_step, run
 from .train_target import set_threads
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
@@ -408,28 +406,15 @@ def narration_accuracy(model, tokenizer, visual_tokens: int, num_videos: int, fi
 def save_model_dir(directory: Path, model, tokenizer_dir: Path, optimizer=None, step: int = 0,
                    extra: dict | None = None) -> None:
     """An HF model directory (config, generation config, safetensors, tokenizer + processor files),
-    plus train_state.pt with the optimizer when given. Written beside and renamed (atomic-ish)."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    for name in PROCESSOR_FILES:          # only these: the tokenizer dir may be a whole model dir
-        if (tokenizer_dir / name).is_file():
-            shutil.copy2(tokenizer_dir / name, tmp / name)
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / "train_state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    plus train_state.pt with the optimizer when given (loop.checkpoint_dir: written beside, swapped in)."""
+    with checkpoint_dir(directory, optimizer, step, extra) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        copy_files(tokenizer_dir, tmp, PROCESSOR_FILES)      # only these: the tokenizer dir may be a model dir
 
 
 def export_model_dir(src: Path, dst: Path) -> None:
     """Copy the inference files of an HF model directory (no optimizer state)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in HF_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+    copy_files(src, dst, HF_FILES)
 
 
 def load_tokenizer_dir(args, out: Path) -> Path:

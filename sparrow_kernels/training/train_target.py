@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import random
-import shutil
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from ..data.synthetic import (CAPTION_QUESTION, VideoWorld, heldout_seed, questi
 from ..data.tokenizer import WordTokenizer
 from ..ops.threads import pick_threads
 from ..targets.tinyvlm import TinyVLM, TinyVLMConfig, TinyVLMTarget
-from .loop import TrainJob, resume_step, run
+from .loop import TrainJob, checkpoint_dir, copy_files, resume_step, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -150,25 +149,16 @@ def save_checkpoint(directory: Path, model: TinyVLM, tok: WordTokenizer, optimiz
                     extra: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = directory.with_name(directory.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(model.cfg.to_json())
-    tok.save(tmp / "tokenizer.json")
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / "train_state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    with checkpoint_dir(directory, optimizer, step, extra) as tmp:
+        state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(model.cfg.to_json())
+        tok.save(tmp / "tokenizer.json")
 
 
 def export_checkpoint(src: Path, dst: Path) -> None:
     """Copy the inference files (no optimizer state) to `dst`."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "config.json", "tokenizer.json"):
-        shutil.copy2(src / name, dst / name)
+    copy_files(src, dst, ("model.safetensors", "config.json", "tokenizer.json"), required=True)
 
 
 def set_threads(requested: int) -> None:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from sparrow_kernels import ops
 from sparrow_kernels.ops import reference
+from tests.ops.helpers import ancestor_mask
 
 # (label, B, Hq, Hkv, Tq, Tk, D, window, n_anchor, tree): the last one sends fp32 on the
 # C++ CPU backend through csrc/window_attn_shared.cpp (>= 128 keys every query sees)
@@ -32,14 +33,7 @@ def attn_inputs(config, device, seed=0):
     q_pos = (kv_len[:, None] - Tq + torch.arange(Tq)).contiguous()
     tree_mask = None
     if tree:
-        parents = [-1, 0, 0, 1]
-        mask = torch.zeros(Tq, Tq, dtype=torch.bool)
-        for i in range(Tq):
-            j = i
-            while j != -1:
-                mask[i, j] = True
-                j = parents[j]
-        tree_mask = mask.expand(B, Tq, Tq).contiguous()
+        tree_mask = ancestor_mask([-1, 0, 0, 1][:Tq]).expand(B, Tq, Tq).contiguous()
     x = dict(q=q, k=k, v=v, kv_len=kv_len, q_pos=q_pos, window=window, n_anchor=n_anchor, tree_mask=tree_mask,
              scale=0.0)
     return {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in x.items()}
