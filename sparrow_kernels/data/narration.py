@@ -270,15 +270,22 @@ def _quiet_times(world: World, rng: random.Random, margin: float = 0.8) -> list[
     return [t for t in grid if all(abs(t - s) >= margin for s in times)]
 
 
-def question_color_at(world: World, rng: random.Random) -> QA | None:
+def _quiet_moment(world: World, rng: random.Random) -> tuple[float, list[int]] | None:
+    """A random quiet time and the objects visible then (None when there is no such moment)."""
     times = _quiet_times(world, rng)
-    changing = [i for i, o in enumerate(world.objects) if o.color_change is not None]
     if not times:
         return None
     t = rng.choice(times)
     visible = world.visible_objects(t)
-    if not visible:
+    return (t, visible) if visible else None
+
+
+def question_color_at(world: World, rng: random.Random) -> QA | None:
+    moment = _quiet_moment(world, rng)
+    if moment is None:
         return None
+    t, visible = moment
+    changing = [i for i, o in enumerate(world.objects) if o.color_change is not None]
     pool = [i for i in visible if i in changing] or visible
     i = rng.choice(pool)
     o = world.objects[i]
@@ -362,13 +369,10 @@ def question_order(world: World, rng: random.Random) -> QA | None:
 
 
 def question_direction(world: World, rng: random.Random) -> QA | None:
-    times = _quiet_times(world, rng)
-    if not times:
+    moment = _quiet_moment(world, rng)
+    if moment is None:
         return None
-    t = rng.choice(times)
-    visible = world.visible_objects(t)
-    if not visible:
-        return None
+    t, visible = moment
     i = rng.choice(visible)
     o = world.objects[i]
     seg = o.segment_at(t)

@@ -99,6 +99,9 @@ class TrainJob:
     def on_log(self) -> None:
         """Called at every log line (e.g. re-check the thread count)."""
 
+    def close(self) -> None:
+        """Called when training ends (e.g. stop data workers)."""
+
 
 @contextlib.contextmanager
 def checkpoint_dir(directory: Path, optimizer=None, step: int = 0, extra: dict | None = None):
@@ -210,6 +213,7 @@ def run(job: TrainJob, args, out: Path, optimizer, step: int = 0) -> int:
             if finished:
                 break
     bar.close()
+    job.close()
     if args.export:
         source = best_dir if args.export_which == "best" and (best_dir / "model.safetensors").is_file() else last
         if source == last and average is not None:

@@ -56,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grounding-weight", type=float, default=0.0,
                    help="weight of the training-only grounding probe: a linear head on each visual token "
                         "predicts the colours, shapes, directions and speeds of the objects in its cell (0: off)")
+    p.add_argument("--probe", choices=("linear", "words"), default="words",
+                   help="grounding probe: a linear head, or the class words' own (tied) embeddings")
+    p.add_argument("--data-workers", type=int, default=1,
+                   help="processes that render the next batches while a step trains (0: inline)")
     p.add_argument("--reinit-vision", action="store_true",
                    help="with --init: fresh vision tower and merger weights (keeps the language model)")
     p.add_argument("--seed", type=int, default=0)
@@ -292,21 +296,48 @@ def grounding_labels(world: World, num_frames: int, size: int) -> torch.Tensor:
     return torch.from_numpy(labels.reshape(-1, len(PROBE_CLASSES)))
 
 
+class WordProbe(torch.nn.Module):
+    """Probe logits read in the language model's own word-embedding space: class c's logit is
+    `scale * <token, E[id_c]> + bias_c`, with E the (tied) embedding rows of the class words
+    (" red", " cross", " left", ...), detached. Training visual tokens against it pulls each token
+    toward the embeddings of the words that describe its cell, a form the language model's copy
+    circuits already read in text."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        ids = []
+        for name in PROBE_CLASSES:
+            encoded = tokenizer.encode(" " + name, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise ValueError(f"--probe words needs ' {name}' to be one token of the tokenizer, got {encoded}")
+            ids.append(encoded[0])
+        self.register_buffer("ids", torch.tensor(ids), persistent=False)
+        self.embeddings = [model.model.language_model.embed_tokens]
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+        self.bias = torch.nn.Parameter(torch.zeros(len(PROBE_CLASSES)))
+
+    def forward(self, visual: torch.Tensor) -> torch.Tensor:
+        words = self.embeddings[0].weight[self.ids].detach()                  # [C, d]
+        return self.scale * (visual @ words.t()) + self.bias
+
+
 class VisualAuxLosses(torch.nn.Module):
     """Training-only losses on the visual tokens of the last training forward, read by a forward
     hook on the stock vision tower (no modeling code changed; nothing here is saved with the model):
 
     - norm: `norm_weight * log(mean visual-token norm / mean text-embedding norm)^2` keeps the
       visual embeddings at the text scale, where they cannot grow into one constant "sink" vector;
-    - grounding: `probe_weight *` multi-label cross-entropy of a linear probe that reads, from each
-      visual token, what lies in its cell (`grounding_labels`). Without it the language model learns
-      the narrations' prior long before the tower carries anything it could read.
+    - grounding: `probe_weight *` multi-label cross-entropy of a probe that reads, from each visual
+      token, what lies in its cell (`grounding_labels`): a linear head, or (`tokenizer` given) a
+      `WordProbe` in the word-embedding space. Without it the language model learns the
+      narrations' prior long before the tower carries anything it could read.
     """
 
-    def __init__(self, model, norm_weight: float, probe_weight: float):
+    def __init__(self, model, norm_weight: float, probe_weight: float, tokenizer=None):
         super().__init__()
         self.model, self.norm_weight, self.probe_weight = [model], norm_weight, probe_weight
-        self.head = torch.nn.Linear(model.config.vision_config.out_hidden_size, len(PROBE_CLASSES))
+        self.head = WordProbe(model, tokenizer) if tokenizer is not None else \
+            torch.nn.Linear(model.config.vision_config.out_hidden_size, len(PROBE_CLASSES))
         self.outputs: list[torch.Tensor] = []
         model.model.visual.register_forward_hook(self._record)
 
@@ -460,7 +491,8 @@ def main(argv=None) -> int:
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), do_sample=False, max_new_tokens=512)
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.95))
-    aux = VisualAuxLosses(model, args.visual_norm_weight, args.grounding_weight)
+    aux = VisualAuxLosses(model, args.visual_norm_weight, args.grounding_weight,
+                          tokenizer if args.probe == "words" else None)
     if args.grounding_weight > 0:
         optimizer.add_param_group({"params": list(aux.head.parameters()), "weight_decay": 0.0,
                                    "lr_scale": args.vision_lr_scale})
@@ -480,6 +512,22 @@ def main(argv=None) -> int:
     return 0
 
 
+_WORKER_TOKENIZER = None
+
+
+def _worker_init(tokenizer_dir: str) -> None:
+    """A data worker: one thread, its own tokenizer."""
+    global _WORKER_TOKENIZER
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    _WORKER_TOKENIZER = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+
+def _worker_batch(seed: int, step: int, args) -> dict:
+    return make_batch(seed, step, args, _WORKER_TOKENIZER)
+
+
 class QwenJob(TrainJob):
     """The stock Qwen2.5-VL's batches, answer loss (+ the training-only visual losses), HF model
     directories and narration eval for `loop.run`."""
@@ -489,9 +537,29 @@ class QwenJob(TrainJob):
 
     def __init__(self, model, tokenizer, tokenizer_dir: Path, aux: VisualAuxLosses, args):
         self.model, self.tokenizer, self.tokenizer_dir, self.aux, self.args = model, tokenizer, tokenizer_dir, aux, args
+        self.pool, self.pending = None, {}
 
     def make_batch(self, step: int) -> dict:
-        return make_batch(self.args.seed, step, self.args, self.tokenizer)
+        if self.args.data_workers <= 0:
+            return make_batch(self.args.seed, step, self.args, self.tokenizer)
+        if self.pool is None:
+            import concurrent.futures  # noqa: PLC0415
+            import multiprocessing  # noqa: PLC0415
+
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                self.args.data_workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init, initargs=(str(self.tokenizer_dir),))
+        for ahead in range(step, step + 1 + self.args.data_workers):       # keep the next batches coming
+            if ahead not in self.pending:
+                self.pending[ahead] = self.pool.submit(_worker_batch, self.args.seed, ahead, self.args)
+        for old in [k for k in self.pending if k < step]:
+            self.pending.pop(old).cancel()
+        return self.pending.pop(step).result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool, self.pending = None, {}
 
     def losses(self, batch: dict):
         loss = answer_loss(self.model, batch)

@@ -301,3 +301,33 @@ def test_world_accuracy_benchmark_runs_on_an_export(tmp_path):
     for r in results.values():
         assert 0.0 <= r["narration_facts"] <= 1.0
         assert set(r["qa_per_kind"]) <= {"color_at", "count", "order", "direction"}
+
+
+def test_data_workers_render_the_same_batches(processor):
+    """Batches rendered ahead in a worker process equal the ones made inline (resume stays exact)."""
+    args = train_qwen.parse_args(TINY + ["--data-workers", "1"])
+    job = train_qwen.QwenJob(None, processor.tokenizer, CHECKPOINT, None, args)
+    try:
+        for step in (0, 1, 3):                          # 3: a skipped step's prefetched batch is dropped
+            got = job.make_batch(step)
+            want = train_qwen.make_batch(args.seed, step, args, processor.tokenizer)
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    finally:
+        job.close()
+    assert job.pool is None
+
+
+def test_word_probe_reads_the_class_words_embeddings(processor):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    args = train_qwen.parse_args(TINY)
+    model = Qwen2_5_VLForConditionalGeneration(train_qwen.build_config(args, processor.tokenizer))
+    probe = train_qwen.WordProbe(model, processor.tokenizer)
+    embed = model.model.language_model.embed_tokens.weight
+    red = processor.tokenizer.encode(" red", add_special_tokens=False)[0]
+    logits = probe(embed[red][None].detach())
+    assert int(logits.argmax()) == train_qwen.PROBE_CLASSES.index("red")     # the word itself scores highest
+    logits.sum().backward()
+    assert embed.grad is None                                                # the language model is not pulled
+    assert probe.scale.grad is not None and probe.bias.grad is not None
