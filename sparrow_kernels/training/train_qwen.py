@@ -366,7 +366,7 @@ class VisualAuxLosses(torch.nn.Module):
             probe = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, labels, pos_weight=torch.full((labels.shape[1],), PROBE_POS_WEIGHT))
             total = total + self.probe_weight * probe
-            stats["probe_loss"] = round(float(probe), 4)
+            stats["probe_loss"] = round(float(probe.detach()), 4)
             stats.update(probe_f1(logits.detach(), labels))
         return total, stats
 
