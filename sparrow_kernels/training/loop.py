@@ -145,6 +145,8 @@ def run(job: TrainJob, args, out: Path, optimizer, step: int = 0) -> int:
     checkpoint_minutes, eval_minutes, eval_videos, export, export_which. Param groups may carry
     an `lr_scale`."""
     model = job.model
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     last, best_dir = out / "last", out / "best"
     average = WeightAverage(model, args.ema) if args.ema > 0 else None
     if average is not None and args.resume and (last / EMA_FILE).is_file():
