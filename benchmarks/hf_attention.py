@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     dims = SHAPES["tiny" if args.quick else args.shapes]
     lengths = [64, 256] if args.quick else [int(x) for x in args.lengths.split(",")]
     node_counts = [1, 4] if args.quick else [int(x) for x in args.nodes.split(",")]
+    if args.rounds < 1:
+        print(f"hf_attention: --rounds must be >= 1, got {args.rounds}", file=sys.stderr)
+        return 2
     impls = args.impls.split(",")
     unknown = sorted(set(impls) - set(IMPLEMENTATIONS))
     if unknown:

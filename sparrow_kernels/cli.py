@@ -280,7 +280,10 @@ def cmd_generate(args) -> int:
     else:
         from sparrow_kernels.targets.base import VideoPrompt
 
-        prompt = VideoPrompt(frames=frames, prompt=args.prompt, fps=sampled_fps(info, frames.shape[0]))
+        # --fps R samples every 1/R s (R capped at the stream's rate); otherwise frames cover the clip evenly
+        rate = min(args.fps, info.fps) if args.fps is not None and info.fps > 0 else args.fps
+        prompt = VideoPrompt(frames=frames, prompt=args.prompt,
+                             fps=rate if rate is not None else sampled_fps(info, frames.shape[0]))
     decode = _decoder(target)
     if args.no_draft:
         res = autoregressive_generate(target, [prompt], args.max_new_tokens, temperature=args.temperature,

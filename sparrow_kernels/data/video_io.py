@@ -111,11 +111,12 @@ def _info(container) -> VideoInfo:
 
 def sampled_fps(info: VideoInfo, count: int) -> float | None:
     """Frame rate, in the clip's time, of `count` frames that evenly cover the whole clip (what
-    `read_video(num_frames=count)` returns; for `fps=R` it is about R); None when the container
-    states no duration."""
-    if count < 1 or not info.duration > 0:
+    `read_video(num_frames=count)` and `read_video()` return); the duration is the container's, or
+    frame count / rate where it states none; None when neither is known."""
+    duration = info.duration if info.duration > 0 else (info.frame_count / info.fps if info.fps > 0 else 0.0)
+    if count < 1 or not duration > 0:
         return None
-    return count / info.duration
+    return count / duration
 
 
 def write_video(path: str | os.PathLike, frames, fps: float, codec: str = "libx264", pix_fmt: str = "yuv444p",

@@ -1,10 +1,11 @@
 """Narrated worlds (world.py) written as ordinary video files plus a prompt list, the form in which
 a user brings their own clips and questions: `sparrow train-draft --target DIR --data pairs.json`
 and the studies read them exactly as they would read a user's. Training worlds use seeds below
-10**9, held-out ones `heldout_world_seed`. It writes files only; it must not import models.
+10**9, held-out ones `heldout_world_seed` (e2e.py's study clips are held-out 7000 + i; keep draft
+evaluation sets elsewhere, e.g. from 7100). It writes files only; it must not import models.
 
     python -m sparrow_kernels.data.world_videos --out runs/world_clips --count 200
-    python -m sparrow_kernels.data.world_videos --out runs/world_heldout --count 12 --heldout --first 7000
+    python -m sparrow_kernels.data.world_videos --out runs/world_heldout --count 8 --heldout --first 7100
 """
 from __future__ import annotations
 

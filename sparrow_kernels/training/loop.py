@@ -82,12 +82,13 @@ class TrainJob:
         """Tokens (text + visual) the batch put through the model, for the throughput log."""
         raise NotImplementedError
 
-    def save(self, directory: Path, optimizer, step: int, extra: dict) -> None:
-        """A checkpoint directory; with `optimizer`, also TRAIN_STATE ({"optimizer", "step"})."""
+    def save(self, directory: Path, optimizer, step: int, extra: dict, also=None) -> None:
+        """A checkpoint directory through `checkpoint_dir(directory, optimizer, step, extra, also)`."""
         raise NotImplementedError
 
     def save_training_state(self, directory: Path) -> None:
-        """Training-only state beside OUT/last (e.g. an auxiliary head); none by default."""
+        """Training-only files of OUT/last (e.g. an auxiliary head), written into the scratch
+        directory of the checkpoint; none by default."""
 
     def evaluate(self) -> tuple[dict, float]:
         """(fields for the log, the score OUT/best maximises); the model is in eval mode."""
@@ -104,15 +105,18 @@ class TrainJob:
 
 
 @contextlib.contextmanager
-def checkpoint_dir(directory: Path, optimizer=None, step: int = 0, extra: dict | None = None):
-    """Yield a scratch directory beside `directory` for the caller's model files; then add
-    TRAIN_STATE (with an optimizer) and meta.json ({"step", **extra}) and swap it into place, so a
-    run killed mid-save keeps its previous checkpoint."""
+def checkpoint_dir(directory: Path, optimizer=None, step: int = 0, extra: dict | None = None, also=None):
+    """Yield a scratch directory beside `directory` for the caller's model files; then add the
+    files of `also(scratch)` (training state: a weight average, an auxiliary head), TRAIN_STATE
+    (with an optimizer) and meta.json ({"step", **extra}) and swap it into place, so a run killed
+    mid-save keeps its previous checkpoint whole."""
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     yield tmp
+    if also is not None:
+        also(tmp)
     if optimizer is not None:
         torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / TRAIN_STATE)
     (tmp / "meta.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
@@ -139,13 +143,21 @@ def resume_step(last: Path, optimizer) -> int:
 
 
 def run(job: TrainJob, args, out: Path, optimizer, step: int = 0) -> int:
-    """Train from `step` until `args.steps` or `args.max_minutes`; returns the last step.
+    """Train from `step` until `args.steps` or `args.max_minutes`; returns the last step. The job
+    is closed however training ends.
 
     Reads from `args`: steps, max_minutes, lr_by_time, lr, min_lr_ratio, warmup, ema, resume,
     checkpoint_minutes, eval_minutes, eval_videos, export, export_which. Param groups may carry
-    an `lr_scale`."""
+    an `lr_scale`. (With `lr_by_time`, the clock starts with each call: a resumed run restarts its
+    cosine by time.)"""
+    try:
+        return _run(job, args, Path(out), optimizer, step)
+    finally:
+        job.close()
+
+
+def _run(job: TrainJob, args, out: Path, optimizer, step: int) -> int:
     model = job.model
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     last, best_dir = out / "last", out / "best"
     average = WeightAverage(model, args.ema) if args.ema > 0 else None
@@ -157,6 +169,14 @@ def run(job: TrainJob, args, out: Path, optimizer, step: int = 0) -> int:
     if (best_dir / "meta.json").is_file():
         best_score = float(json.loads((best_dir / "meta.json").read_text()).get("eval_mean", -1.0))
     averaged = lambda: average.swapped_in(model) if average is not None else contextlib.nullcontext()  # noqa: E731
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def training_state(directory: Path) -> None:
+        if average is not None:
+            from safetensors.torch import save_file  # noqa: PLC0415
+
+            save_file({k: v.contiguous() for k, v in average.shadow.items()}, str(directory / EMA_FILE))
+        job.save_training_state(directory)
 
     t_start = time.time()
     t_ckpt = t_eval = t_start
@@ -171,7 +191,7 @@ def run(job: TrainJob, args, out: Path, optimizer, step: int = 0) -> int:
             loss, total, stats = job.losses(batch)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)      # every trained tensor, heads too
             optimizer.step()
             step += 1
             if average is not None:
@@ -190,12 +210,7 @@ def run(job: TrainJob, args, out: Path, optimizer, step: int = 0) -> int:
             now = time.time()
             finished = step >= args.steps or (args.max_minutes > 0 and now - t_start > args.max_minutes * 60)
             if now - t_ckpt > args.checkpoint_minutes * 60 or finished:
-                job.save(last, optimizer, step, {"loss": loss.item()})
-                if average is not None:
-                    from safetensors.torch import save_file  # noqa: PLC0415
-
-                    save_file({k: v.contiguous() for k, v in average.shadow.items()}, str(last / EMA_FILE))
-                job.save_training_state(last)
+                job.save(last, optimizer, step, {"loss": loss.item()}, also=training_state)
                 t_ckpt = now
             if args.eval_videos > 0 and (now - t_eval > args.eval_minutes * 60 or finished):
                 with averaged():
@@ -215,7 +230,6 @@ def run(job: TrainJob, args, out: Path, optimizer, step: int = 0) -> int:
             if finished:
                 break
     bar.close()
-    job.close()
     if args.export:
         source = best_dir if args.export_which == "best" and (best_dir / "model.safetensors").is_file() else last
         if source == last and average is not None:

@@ -365,8 +365,9 @@ def train(args: argparse.Namespace) -> dict:
     data_dir.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     if args.data:
+        # time_scale: answers made with each clip's own frame rate (older caches used a fixed 2 fps)
         plan_meta = {"target": fingerprint, "data": str(Path(args.data).resolve()), "batch": args.batch_size,
-                     "max_new_tokens": args.max_new_tokens}
+                     "max_new_tokens": args.max_new_tokens, "time_scale": "prompt_fps"}
         def make_train():
             return file_plan(target, args.data, args.batch_size)
         eval_sets = sorted({g.num_frames for g in file_plan(target, args.eval_data, args.batch_size)}) \
@@ -388,7 +389,7 @@ def train(args: argparse.Namespace) -> dict:
         meta = {"target": fingerprint, "heldout_frames": frames, "groups": args.eval_groups,
                 "batch": args.batch_size, "max_new_tokens": args.max_new_tokens}
         if args.data:
-            meta["data"] = str(Path(args.eval_data).resolve())
+            meta.update(data=str(Path(args.eval_data).resolve()), time_scale="prompt_fps")
             plan = lambda f=frames: [g for g in file_plan(target, args.eval_data, args.batch_size)   # noqa: E731
                                      if g.num_frames == f][:args.eval_groups]
         else:

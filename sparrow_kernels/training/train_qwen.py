@@ -10,6 +10,7 @@ HF model directory. It must not patch modeling code, touch the committed checkpo
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from pathlib import Path
 
@@ -336,8 +337,12 @@ class VisualAuxLosses(torch.nn.Module):
     def __init__(self, model, norm_weight: float, probe_weight: float, tokenizer=None):
         super().__init__()
         self.model, self.norm_weight, self.probe_weight = [model], norm_weight, probe_weight
-        self.head = WordProbe(model, tokenizer) if tokenizer is not None else \
-            torch.nn.Linear(model.config.vision_config.out_hidden_size, len(PROBE_CLASSES))
+        if probe_weight <= 0:
+            self.head = None
+        elif tokenizer is not None:
+            self.head = WordProbe(model, tokenizer)
+        else:
+            self.head = torch.nn.Linear(model.config.vision_config.out_hidden_size, len(PROBE_CLASSES))
         self.outputs: list[torch.Tensor] = []
         model.model.visual.register_forward_hook(self._record)
 
@@ -435,10 +440,10 @@ def narration_accuracy(model, tokenizer, visual_tokens: int, num_videos: int, fi
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_model_dir(directory: Path, model, tokenizer_dir: Path, optimizer=None, step: int = 0,
-                   extra: dict | None = None) -> None:
+                   extra: dict | None = None, also=None) -> None:
     """An HF model directory (config, generation config, safetensors, tokenizer + processor files),
     plus train_state.pt with the optimizer when given (loop.checkpoint_dir: written beside, swapped in)."""
-    with checkpoint_dir(directory, optimizer, step, extra) as tmp:
+    with checkpoint_dir(directory, optimizer, step, extra, also) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         copy_files(tokenizer_dir, tmp, PROCESSOR_FILES)      # only these: the tokenizer dir may be a model dir
 
@@ -498,10 +503,11 @@ def main(argv=None) -> int:
                                    "lr_scale": args.vision_lr_scale})
     step = 0
     if args.resume:
+        check_resume_options(last, args)
         step = resume_step(last, optimizer)
         if step:
             print(f"resumed from {last} at step {step}", flush=True)
-        if (last / PROBE_FILE).is_file():
+        if aux.head is not None and (last / PROBE_FILE).is_file():
             from safetensors.torch import load_file  # noqa: PLC0415
 
             aux.head.load_state_dict(load_file(str(last / PROBE_FILE)))
@@ -528,6 +534,20 @@ def _worker_batch(seed: int, step: int, args) -> dict:
     return make_batch(seed, step, args, _WORKER_TOKENIZER)
 
 
+def check_resume_options(last: Path, args) -> None:
+    """A resumed run must train the same parameter groups: refuse a probe switched on or off, or
+    changed in kind, against what OUT/last recorded (checkpoints without the record pass)."""
+    meta_path = last / "meta.json"
+    if not meta_path.is_file():
+        return
+    meta = json.loads(meta_path.read_text())
+    if "grounding_weight" in meta and (float(meta["grounding_weight"]) > 0) != (args.grounding_weight > 0):
+        raise ValueError(f"--resume: {last} was trained with --grounding-weight {meta['grounding_weight']}; a "
+                         f"resumed run must keep the probe on or off (got --grounding-weight {args.grounding_weight})")
+    if args.grounding_weight > 0 and meta.get("probe", args.probe) != args.probe:
+        raise ValueError(f"--resume: {last} was trained with --probe {meta['probe']}, got --probe {args.probe}")
+
+
 class QwenJob(TrainJob):
     """The stock Qwen2.5-VL's batches, answer loss (+ the training-only visual losses), HF model
     directories and narration eval for `loop.run`."""
@@ -549,7 +569,7 @@ class QwenJob(TrainJob):
             self.pool = concurrent.futures.ProcessPoolExecutor(
                 self.args.data_workers, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_worker_init, initargs=(str(self.tokenizer_dir),))
-        for ahead in range(step, step + 1 + self.args.data_workers):       # keep the next batches coming
+        for ahead in range(step, min(step + 1 + self.args.data_workers, self.args.steps)):   # the next batches
             if ahead not in self.pending:
                 self.pending[ahead] = self.pool.submit(_worker_batch, self.args.seed, ahead, self.args)
         for old in [k for k in self.pending if k < step]:
@@ -569,8 +589,10 @@ class QwenJob(TrainJob):
     def tokens(self, batch: dict) -> int:
         return int(batch["attention_mask"].sum())
 
-    def save(self, directory: Path, optimizer, step: int, extra: dict) -> None:
-        save_model_dir(directory, self.model, self.tokenizer_dir, optimizer, step, extra)
+    def save(self, directory: Path, optimizer, step: int, extra: dict, also=None) -> None:
+        if optimizer is not None:       # OUT/last: what a resume must match
+            extra = {**extra, "grounding_weight": self.args.grounding_weight, "probe": self.args.probe}
+        save_model_dir(directory, self.model, self.tokenizer_dir, optimizer, step, extra, also)
 
     def save_training_state(self, directory: Path) -> None:
         if self.args.grounding_weight > 0:

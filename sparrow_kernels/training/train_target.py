@@ -146,10 +146,10 @@ def caption_accuracy(model: TinyVLM, tok: WordTokenizer, num_frames: int, num_vi
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(directory: Path, model: TinyVLM, tok: WordTokenizer, optimizer=None, step: int = 0,
-                    extra: dict | None = None) -> None:
+                    extra: dict | None = None, also=None) -> None:
     from safetensors.torch import save_file
 
-    with checkpoint_dir(directory, optimizer, step, extra) as tmp:
+    with checkpoint_dir(directory, optimizer, step, extra, also) as tmp:
         state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(model.cfg.to_json())
@@ -253,8 +253,8 @@ class TinyVLMJob(TrainJob):
         frames, ids, _ = batch
         return frames.shape[0] * (frames.shape[1] * self.model.cfg.patches_per_frame + ids.shape[1])
 
-    def save(self, directory: Path, optimizer, step: int, extra: dict) -> None:
-        save_checkpoint(directory, self.model, self.tok, optimizer, step, extra)
+    def save(self, directory: Path, optimizer, step: int, extra: dict, also=None) -> None:
+        save_checkpoint(directory, self.model, self.tok, optimizer, step, extra, also)
 
     def evaluate(self) -> tuple[dict, float]:
         acc = {f: caption_accuracy(self.model, self.tok, f, self.args.eval_videos, self.args.eval_first_video)

@@ -282,3 +282,10 @@ def test_write_video_bad_arguments(tmp_path, frames, fps, match):
     with pytest.raises(ValueError, match=match):
         video_io.write_video(tmp_path / "x.mp4", frames, fps)
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_sampled_fps_without_a_stated_duration():
+    info = video_io.VideoInfo(frame_count=20, fps=10.0, duration=0.0, height=8, width=8, codec="x")
+    assert video_io.sampled_fps(info, 4) == pytest.approx(2.0)                 # 4 frames over 20 / 10 s
+    unknown = video_io.VideoInfo(frame_count=0, fps=0.0, duration=0.0, height=8, width=8, codec="x")
+    assert video_io.sampled_fps(unknown, 4) is None

@@ -45,10 +45,10 @@ class LinearJob(loop.TrainJob):
     def tokens(self, batch):
         return batch[0].shape[0]
 
-    def save(self, directory: Path, optimizer, step, extra):
+    def save(self, directory: Path, optimizer, step, extra, also=None):
         from safetensors.torch import save_file
 
-        with loop.checkpoint_dir(directory, optimizer, step, extra) as tmp:
+        with loop.checkpoint_dir(directory, optimizer, step, extra, also) as tmp:
             save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(tmp / "model.safetensors"))
 
     def load(self, directory: Path):
@@ -131,3 +131,26 @@ def test_schedule_by_steps_and_by_time():
 def test_weight_average_rejects_a_bad_decay():
     with pytest.raises(ValueError, match=r"--ema must lie in \(0, 1\)"):
         loop.WeightAverage(torch.nn.Linear(2, 2), 1.0)
+
+
+def test_the_job_is_closed_when_training_fails(tmp_path):
+    class Failing(LinearJob):
+        def losses(self, batch):
+            raise RuntimeError("boom")
+
+    job = Failing()
+    with pytest.raises(RuntimeError, match="boom"):
+        loop.run(job, make_args(), tmp_path, optimizer_of(job))
+    assert job.closed
+
+
+def test_training_state_lands_inside_the_checkpoint(tmp_path):
+    class WithState(LinearJob):
+        def save_training_state(self, directory):
+            (directory / "aux.txt").write_text("state")
+
+    job = WithState()
+    loop.run(job, make_args(steps=2, ema=0.5, eval_videos=0), tmp_path, optimizer_of(job))
+    names = {p.name for p in (tmp_path / "last").iterdir()}
+    assert {"aux.txt", loop.EMA_FILE, loop.TRAIN_STATE, "meta.json", "model.safetensors"} <= names
+    assert not (tmp_path / "last.tmp").exists()

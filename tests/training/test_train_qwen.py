@@ -253,6 +253,27 @@ def test_train_resume_export_load(tmp_path):
                      "--visual-norm-weight", "0.5"]
     assert train_target_main(["--target-kind", "qwen2_5_vl", *common, "--steps", "2"]) == 0
     assert json.loads((out / "last" / "meta.json").read_text())["step"] == 2
+    from safetensors.torch import load_file
+
+    probe_at_2 = load_file(str(out / "last" / "probe.safetensors"))
+    import sparrow_kernels.training.train_qwen as tq_module
+
+    loaded = {}
+    original = tq_module.VisualAuxLosses.__init__
+
+    def spy(self, *a, **k):
+        original(self, *a, **k)
+        loaded["aux"] = self
+    tq_module.VisualAuxLosses.__init__ = spy
+    try:
+        assert train_target_main(["--target-kind=qwen2_5_vl", *common, "--steps", "2", "--resume"]) == 0
+    finally:
+        tq_module.VisualAuxLosses.__init__ = original
+    for k, v in probe_at_2.items():                                            # resumed with the saved probe
+        torch.testing.assert_close(loaded["aux"].head.state_dict()[k], v)
+    with pytest.raises(ValueError, match="must keep the probe on or off"):
+        train_target_main(["--target-kind=qwen2_5_vl", *[a for a in common], "--steps", "3", "--resume",
+                           "--grounding-weight", "0"])
     assert train_target_main(["--target-kind=qwen2_5_vl", *common, "--steps", "4", "--resume",
                               "--export", str(export)]) == 0
     assert json.loads((out / "last" / "meta.json").read_text())["step"] == 4
@@ -312,6 +333,8 @@ def test_data_workers_render_the_same_batches(processor):
             got = job.make_batch(step)
             want = train_qwen.make_batch(args.seed, step, args, processor.tokenizer)
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+            assert min(job.pending) > step
+        assert 2 not in job.pending
     finally:
         job.close()
     assert job.pool is None
