@@ -73,7 +73,8 @@ def main(argv=None) -> int:
                 depth, mask = random_tree(nodes, device)
                 tokens = torch.randint(0, min(1000, target.vocab_size - 8), (1, nodes), device=device)
                 logits, row = {}, {"cached_tokens": length, "nodes": nodes}
-                step = lambda: target.forward_tree(state, tokens, mask, depth, ())   # noqa: E731
+                def step(state=state, tokens=tokens, mask=mask, depth=depth):
+                    return target.forward_tree(state, tokens, mask, depth, ())
                 for impl in impls:                              # warm-up and the exactness check
                     target.model.set_attn_implementation(impl)
                     logits[impl] = step().logits.float()
