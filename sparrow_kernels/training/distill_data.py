@@ -207,15 +207,13 @@ def run_target(target, group: DistillGroup, layers: Sequence[int]) -> TargetSequ
     answers = [s.answer_ids for s in group.samples]
     B, A = len(prompts), max(1, max(len(a) for a in answers))
     with torch.inference_mode():
-        probe = [target.visual_tokens_for(s.num_frames) + len(s.prompt_ids) for s in group.samples] \
-            if hasattr(target, "visual_tokens_for") else None
-        capacity = kv_capacity(max(probe) if probe else 0, 0, tree_nodes=A)     # the answer as one chain
-        try:
-            pre = target.prefill(prompts, layers, capacity)
-        except ValueError:
-            if probe:
-                raise
-            pre = target.prefill(prompts, layers, 1 << 16)     # adapters that count tokens themselves
+        if hasattr(target, "visual_tokens_for"):                                  # the tiny VLM
+            longest = max(target.visual_tokens_for(s.num_frames) + len(s.prompt_ids) for s in group.samples)
+        elif callable(getattr(target, "prompt_lengths", None)):                   # HF adapters: their preprocessing
+            longest = max(int(n) for n in target.prompt_lengths(prompts))
+        else:                                                                     # a target that cannot count
+            longest = 1 << 16
+        pre = target.prefill(prompts, layers, kv_capacity(longest, 0, tree_nodes=A))   # the answer as one chain
         P = pre.lengths.to("cpu")                                                      # [B]
         tokens = torch.full((B, A), int(target.eos_token_ids[0]), dtype=torch.long)  # [B, A], padded
         for b, answer in enumerate(answers):

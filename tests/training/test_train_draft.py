@@ -241,3 +241,19 @@ def test_training_lays_out_entries_as_inference_does(visual_kv):
 def test_eval_data_needs_data(tmp_path):
     with pytest.raises(ValueError, match="--eval-data is the held-out set of --data"):
         train_draft.main(["--out", str(tmp_path), "--eval-data", str(tmp_path / "pairs.json"), "--steps", "1"])
+
+
+def test_run_target_sizes_the_cache_for_answers_longer_than_the_prompt():
+    """HF adapters count their prompts through their own preprocessing: a distilled answer longer
+    than the prompt still fits (the capacity was once the answer length alone)."""
+    from sparrow_kernels.targets.hf_qwen import QwenVLTarget
+    from sparrow_kernels.training.distill_data import DistillGroup, DistillSample
+
+    target = QwenVLTarget.tiny_random(seed=0, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16)
+    answer = [int(t) for t in torch.randint(0, 80, (60,))]
+    group = DistillGroup(4, [DistillSample(num_frames=4, prompt_ids=[3, 4, 5], answer_ids=answer, seed=s)
+                             for s in (1, 2)])
+    seqs = run_target(target, group, [2])
+    prompt = int(seqs.answer_start[0])
+    assert prompt < len(answer) and int(seqs.lengths[0]) == prompt + len(answer)
+    assert torch.equal(seqs.ids[0, prompt:prompt + len(answer)], torch.tensor(answer))
