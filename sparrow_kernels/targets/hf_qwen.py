@@ -59,6 +59,14 @@ def qwen_video_patches(pixels: torch.Tensor, temporal_patch_size: int, patch_siz
     return patches, grid_thw
 
 
+def prompt_fps(prompt: VideoPrompt, row: int, default: float) -> float:
+    """The prompt's frame rate (`default` when it has none), checked positive and finite."""
+    fps = default if prompt.fps is None else float(prompt.fps)
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"prompts[{row}].fps must be a positive finite frame rate, got {prompt.fps!r}")
+    return fps
+
+
 class QwenVLTarget(HFVideoTarget):
     """`Target` over a stock `Qwen2_5_VLForConditionalGeneration`.
 
@@ -170,19 +178,15 @@ class QwenVLTarget(HFVideoTarget):
         out = {"input_ids": torch.tensor([ids], dtype=torch.long), "pixel_values_videos": patches,
                "video_grid_thw": grid_thw}
         if prompt.fps is not None:
-            fps = float(prompt.fps)
-            if not (math.isfinite(fps) and fps > 0):
-                raise ValueError(f"prompts[{row}].fps must be a positive finite frame rate, got {prompt.fps!r}")
-            out["second_per_grid_ts"] = torch.tensor([vision.temporal_patch_size / fps], dtype=torch.float32)
+            out["second_per_grid_ts"] = torch.tensor([vision.temporal_patch_size / prompt_fps(prompt, row, 0.0)],
+                                                     dtype=torch.float32)
         return out
 
     def _processor_inputs(self, prompt: VideoPrompt, pixels: torch.Tensor, row: int) -> dict:
         text = chat_text(self.processor, prompt, row)
         frames = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)  # [T, 3, H, W]
         count = frames.shape[0]
-        fps = self.video_fps if prompt.fps is None else float(prompt.fps)
-        if not (math.isfinite(fps) and fps > 0):
-            raise ValueError(f"prompts[{row}].fps must be a positive finite frame rate, got {prompt.fps!r}")
+        fps = prompt_fps(prompt, row, self.video_fps)
         metadata = {"total_num_frames": count, "fps": fps, "frames_indices": list(range(count))}
         processed = self.processor(text=[text], videos=[frames], video_metadata=[metadata], return_tensors="pt")
         keep = ("input_ids", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
