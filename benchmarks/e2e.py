@@ -80,44 +80,32 @@ def tree_settings(args, device):
 def load_drafts(args, target):
     from sparrow_kernels.speculative.draft import SparrowDraft, committed_draft_dir
 
+    from sparrow_kernels.targets import WORLD_TARGET, WORLD_TARGET_DIR, resolve_target
+
     specs = dict(s.split("=", 1) for s in args.draft)
-    if not specs:
+    if not specs:   # the committed drafts of a committed target
+        spec = resolve_target(args.target)
+        owner = "tiny" if spec == "tiny" else WORLD_TARGET if Path(spec).resolve() == WORLD_TARGET_DIR else None
         names = METHODS + (tuple(a for a in ABLATIONS if a not in METHODS) if args.ablations else ())
-        specs = {n: committed_draft_dir(n) for n in names if os.path.isdir(committed_draft_dir(n))}
+        specs = {n: committed_draft_dir(n, owner) for n in names
+                 if owner and os.path.isdir(committed_draft_dir(n, owner))}
     return {name: SparrowDraft.load(path, target).to(target.device) for name, path in specs.items()}
-
-
-HF_FRAME_SIZE = 112          # the narrated world's clips are rendered at this size (as trained)
 
 
 def video_prompt(target, visual_tokens: int, index: int):
     """A held-out clip sampled densely enough for about `visual_tokens` visual tokens, with the
     detailed-description request. The tiny LM gets its own synthetic world and knows its token
-    budget; an HF target gets the narrated world (data/world.py, held-out seed 7000 + index,
-    frames of 112 x 112 at the frame rate the sampling implies), its tokens per frame measured
-    through its own preprocessing (without a processor, a few fixed text ids stand in)."""
-    from sparrow_kernels.targets.base import VideoPrompt
-
+    budget; an HF target gets the narrated world (held-out seed 7000 + index, sized by
+    targets.world_prompt through its own preprocessing)."""
     if hasattr(target, "frames_for"):
         from sparrow_kernels.data.synthetic import VideoWorld, heldout_seed
 
         world = VideoWorld(heldout_seed(1000 + index))
         return target.make_prompt(world.render(target.frames_for(visual_tokens)))
-    from sparrow_kernels.data.narration import NARRATION_PROMPTS
     from sparrow_kernels.data.world import World, heldout_world_seed
+    from sparrow_kernels.targets.world_prompt import world_prompt
 
-    world = World(heldout_world_seed(7000 + index))
-
-    def prompt(count):
-        frames = torch.from_numpy(world.render(count, HF_FRAME_SIZE))
-        fps = count / world.duration
-        if target.tokenizer is not None:
-            return VideoPrompt(frames=frames, prompt=NARRATION_PROMPTS[0], fps=fps)
-        return VideoPrompt(frames=frames, prompt_ids=torch.arange(4, 12), fps=fps)
-
-    two, four = target.prompt_lengths([prompt(2), prompt(4)])
-    per_frame = max(1, (four - two) // 2)                           # even counts: temporal patches of 2
-    return prompt(max(2, 2 * round((visual_tokens - (two - 2 * per_frame)) / (2 * per_frame))))
+    return world_prompt(target, World(heldout_world_seed(7000 + index)), visual_tokens)
 
 
 class PrefillOnce:

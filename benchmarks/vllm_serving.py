@@ -3,9 +3,13 @@
 concurrencies, for no speculation, the Sparrow draft and a visual-KV draft (EAGLE-style, sees the
 visual tokens), each exported with `sparrow export-vllm`. One engine per configuration, each in
 its own process. Greedy, video requests, `ignore_eos` so every request decodes --max-tokens.
+The videos are held-out clips of the narrated world (data/world.py, seeds 7000 + i, rendered at
+--size pixels with the frame rate their sampling implies), the prompt the target's own chat
+template around --prompt; --quick uses random pixels.
 
-  python benchmarks/vllm_serving.py --target QWEN_DIR --sparrow EXPORTED --visual-kv EXPORTED \
-      --concurrency 1 4 16 --max-tokens 128 --frames 16 --json results/vllm_serving.json
+  python benchmarks/vllm_serving.py --target sparrow_kernels/checkpoints/qwen2_5_vl_world \
+      --sparrow EXPORTED --visual-kv EXPORTED --concurrency 1 4 16 --max-tokens 128 --frames 64 --size 112 \
+      --json results/vllm_serving.json
   python benchmarks/vllm_serving.py --quick    # smoke: tiny random Qwen2.5-VL and random drafts
 
 Run it in the vLLM venv (docs/serving.md) on a quiet machine; timings are wall clock.
@@ -39,7 +43,7 @@ def worker(args) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    from sparrow_kernels.integrations.vllm.tiny import VIDEO_PROMPT, random_video
+    from sparrow_kernels.integrations.vllm.tiny import VIDEO_PROMPT, random_video, video_input
 
     kwargs = dict(model=args.target, dtype=args.dtype, max_model_len=args.max_model_len, enable_prefix_caching=False,
                   seed=0, gpu_memory_utilization=args.memory_fraction, max_num_seqs=max(args.concurrency),
@@ -50,11 +54,22 @@ def worker(args) -> None:
     llm = LLM(**kwargs)
     result = {"engine_start_s": round(time.perf_counter() - start, 1), "levels": []}
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    question = "describe the video in one sentence"
+    tokenizer = llm.get_tokenizer()
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": args.prompt}]}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = VIDEO_PROMPT.format(text=args.prompt)
 
     def request(seed: int) -> dict:
-        return {"prompt": VIDEO_PROMPT.format(text=question),
-                "multi_modal_data": {"video": random_video(seed, args.frames, args.size)}}
+        if args.random_video:
+            video = random_video(seed, args.frames, args.size)
+        else:
+            from sparrow_kernels.data.world import World, heldout_world_seed
+
+            world = World(heldout_world_seed(7000 + seed))
+            video = video_input(world.render(args.frames, args.size), args.frames / world.duration)
+        return {"prompt": text, "multi_modal_data": {"video": video}}
 
     llm.generate([request(10_000)], params, use_tqdm=False)          # warm-up
     engine = llm.llm_engine
@@ -88,7 +103,10 @@ def run_config(args, name: str, draft: str | None) -> dict:
     command = [sys.executable, __file__, "--worker", "--target", str(args.target), "--k", str(args.k),
                "--max-tokens", str(args.max_tokens), "--frames", str(args.frames), "--size", str(args.size),
                "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
-               "--memory-fraction", str(args.memory_fraction), "--concurrency", *map(str, args.concurrency)]
+               "--memory-fraction", str(args.memory_fraction), "--prompt", args.prompt,
+               "--concurrency", *map(str, args.concurrency)]
+    if args.random_video:
+        command.append("--random-video")
     if draft:
         command += ["--draft", str(draft)]
     print(f"== {name}", file=sys.stderr, flush=True)
@@ -136,7 +154,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--size", type=int, default=224, help="frame side in pixels")
+    parser.add_argument("--size", type=int, default=112, help="frame side in pixels")
+    parser.add_argument("--prompt", default="Describe the video.", help="the request, in the target's chat template")
+    parser.add_argument("--random-video", action="store_true", help="random pixels instead of world clips")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, default=16384)
     parser.add_argument("--memory-fraction", type=float, default=0.5,
@@ -153,6 +173,7 @@ def main() -> None:
         if args.quick:
             args.target, args.sparrow, args.visual_kv = quick_models(Path(tmp))
             args.concurrency, args.max_tokens, args.frames, args.size = [1, 2], 16, 8, 112
+            args.random_video = True
             args.dtype, args.max_model_len, args.memory_fraction = "float32", 2048, 0.08
         if not args.target:
             parser.error("--target is required (or --quick)")

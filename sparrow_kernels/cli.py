@@ -66,8 +66,12 @@ _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 
 
 def _load_target(spec, device):
-    from sparrow_kernels.targets import load_target
+    from sparrow_kernels.targets import load_target, resolve_target
 
+    if resolve_target(spec) != "tiny":      # one-line output: no "Loading weights" bar from transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return load_target(spec, device=device)
     except _LOAD_ERRORS as err:
@@ -75,10 +79,29 @@ def _load_target(spec, device):
         raise UserError(f"cannot load {what}: {_one_line(err)}") from err
 
 
-def _load_draft(path, target):
-    from sparrow_kernels.speculative.draft import SparrowDraft, committed_draft_dir
+def _committed_draft(spec) -> str | None:
+    """The committed draft of a committed target ('tiny', the world target by name or by its
+    directory), else None (a user's target needs --draft)."""
+    from sparrow_kernels.speculative.draft import committed_draft_dir
+    from sparrow_kernels.targets import WORLD_TARGET, WORLD_TARGET_DIR, resolve_target
 
-    path = path or committed_draft_dir()
+    spec = resolve_target(spec)
+    if spec == "tiny":
+        return committed_draft_dir(target="tiny")
+    try:
+        same = Path(spec).resolve() == WORLD_TARGET_DIR
+    except OSError:
+        same = False
+    return committed_draft_dir(target=WORLD_TARGET) if same else None
+
+
+def _load_draft(path, target, spec="tiny"):
+    from sparrow_kernels.speculative.draft import SparrowDraft
+
+    path = path or _committed_draft(spec)
+    if path is None:
+        raise UserError(f"--target {spec} has no committed draft: pass --draft DIR (train one with "
+                        f"`sparrow train-draft --target {spec}`)")
     try:
         draft = SparrowDraft.load(path, target)
     except _LOAD_ERRORS as err:  # missing files, not a draft, unreadable or mismatched weights
@@ -173,32 +196,63 @@ def _visual_tokens(target, prompt) -> int:
 
 
 # ----------------------------------------------------------------------------- commands
+def _demo_prompt(args, target, tiny: bool):
+    """The demo's held-out clip and its reference text: the tiny LM's synthetic world (its caption)
+    or the narrated world (one phrasing of its event log) for an HF target, asked args.prompt."""
+    if tiny:
+        from sparrow_kernels.data.synthetic import VideoWorld, heldout_seed
+
+        visual_tokens = args.visual_tokens if args.visual_tokens is not None else (1000 if args.quick else 6000)
+        frames = target.frames_for(visual_tokens)
+        world = VideoWorld(heldout_seed(args.seed))
+        return target.make_prompt(world.render(frames)), visual_tokens, world.caption
+    import random
+
+    from sparrow_kernels.data.narration import narration
+    from sparrow_kernels.data.world import World, heldout_world_seed
+    from sparrow_kernels.targets.world_prompt import world_prompt
+
+    visual_tokens = args.visual_tokens if args.visual_tokens is not None else (512 if args.quick else 1500)
+    world = World(heldout_world_seed(7000 + args.seed))
+    prompt = world_prompt(target, world, visual_tokens, args.prompt)
+    return prompt, visual_tokens, narration(world, random.Random(0))
+
+
 def cmd_demo(args) -> int:
     import torch
 
-    from sparrow_kernels.data.synthetic import VideoWorld, heldout_seed
     from sparrow_kernels.speculative.engine import SparrowGenerator, autoregressive_generate
+    from sparrow_kernels.targets import WORLD_TARGET
 
     torch.manual_seed(0)
+    if args.visual_tokens is not None and args.visual_tokens > DEMO_MAX_VISUAL_TOKENS:
+        raise UserError(f"--visual-tokens {args.visual_tokens}: the demo holds the whole video and its KV cache in "
+                        f"memory; use at most {DEMO_MAX_VISUAL_TOKENS:,} (the README's study goes to 25,000)")
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty; ask something about the video, e.g. --prompt \"Describe the video.\"")
     device = _device(args.device)
     threads = _threads(args, device)
-    target = _load_target("tiny", device)
-    draft = _load_draft(args.draft, target)
-    visual_tokens = args.visual_tokens if args.visual_tokens is not None else (1000 if args.quick else 6000)
-    if visual_tokens > DEMO_MAX_VISUAL_TOKENS:
-        raise UserError(f"--visual-tokens {visual_tokens}: the demo holds the whole video and its KV cache in "
-                        f"memory; use at most {DEMO_MAX_VISUAL_TOKENS:,} (the README's study goes to 25,000)")
-    max_new = args.max_new_tokens if args.max_new_tokens is not None else (48 if args.quick else 96)
-    frames = target.frames_for(visual_tokens)
-    world = VideoWorld(heldout_seed(args.seed))
-    prompt = target.make_prompt(world.render(frames))
+    spec = args.target or WORLD_TARGET
+    tiny = spec == "tiny"
+    target = _load_target(spec, device)
+    draft = _load_draft(args.draft, target, spec)
+    prompt, visual_tokens, reference = _demo_prompt(args, target, tiny)
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else (
+        (48 if args.quick else 96) if tiny else (96 if args.quick else 320))
     tree = _tree(args, device)
     greedy = args.temperature == 0
     decode = _decoder(target)
-    print(f"Sparrow demo: built-in tiny video LM ({target.num_layers} layers, d={target.hidden_size}), "
-          f"synthetic video of {frames} frames = {target.visual_tokens_for(frames)} visual tokens "
+    frames = prompt.frames.shape[0]
+    if tiny:
+        what = f"built-in tiny video LM ({target.num_layers} layers, d={target.hidden_size})"
+        clip = f"synthetic video of {frames} frames"
+    else:
+        what = (f"{spec} (stock Qwen2.5-VL: {target.num_layers} layers, d={target.hidden_size}, vocabulary "
+                f"{target.vocab_size:,})")
+        clip = f"held-out world clip of {frames} frames at {prompt.fps:.3g} fps, prompt {args.prompt!r}"
+    print(f"Sparrow demo: {what}, {clip} = {_visual_tokens(target, prompt):,} visual tokens "
           f"(asked {visual_tokens}), up to {max_new} new tokens, device {device}{threads}, tree {tree.as_dict()}")
-    print(f"ground truth  : {world.caption}")
+    print(f"{'ground truth' if tiny else 'reference':<14}: {reference}")
 
     def run_ar():
         return autoregressive_generate(target, [prompt], max_new, temperature=args.temperature, seed=args.seed,
@@ -234,7 +288,7 @@ def cmd_demo(args) -> int:
               file=sys.stderr)
         return 1
     print("identical: yes - sparrow's answer is token for token the target's own greedy answer (the "
-          "autoregressive line; lossless, which says nothing about whether the caption is right)")
+          "autoregressive line; lossless, which says nothing about whether the answer is right)")
     return 0
 
 
@@ -246,13 +300,16 @@ def cmd_generate(args) -> int:
 
     if not args.prompt.strip():
         raise UserError("--prompt is empty; ask something about the video, e.g. --prompt \"describe the video\"")
-    if args.target and not args.draft and not args.no_draft:
-        raise UserError("--target DIR needs --draft DIR (train one with `sparrow train-draft`), "
+    from sparrow_kernels.targets import WORLD_TARGET
+
+    spec = args.target or WORLD_TARGET
+    if not args.draft and not args.no_draft and _committed_draft(spec) is None:
+        raise UserError(f"--target {spec} needs --draft DIR (train one with `sparrow train-draft`), "
                         "or pass --no-draft for plain decoding")
     device = _device(args.device)
     _threads(args, device)
     info = probe_video(args.video)
-    target = _load_target(args.target or "tiny", device)
+    target = _load_target(spec, device)
     unknown = _unknown_words(target, args.prompt)
     if unknown:
         _note(f"note: the built-in tiny video LM knows only the words of its synthetic captions and questions; "
@@ -291,7 +348,7 @@ def cmd_generate(args) -> int:
         print(decode(res.tokens[0]) if decode else res.tokens[0])
         stats, n = res.stats, len(res.tokens[0])
     else:
-        draft = _load_draft(args.draft, target)
+        draft = _load_draft(args.draft, target, spec)
         gen = SparrowGenerator(target, draft, _tree(args, device))
         last, ids = _stream_text(gen.stream([prompt], args.max_new_tokens, temperature=args.temperature,
                                             top_p=args.top_p, seed=args.seed), decode)
@@ -378,22 +435,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="tiny video LM + committed Sparrow draft vs autoregressive, side by side")
     d.add_argument("--quick", action="store_true", help="a shorter video and answer (CI smoke)")
+    d.add_argument("--target", default=None,
+                   help="'qwen2_5_vl_world' (default: the committed Qwen2.5-VL of the narrated world), 'tiny' "
+                        "(the built-in tiny video LM) or a local Qwen2.5-VL / LLaVA-OneVision directory (with --draft)")
+    d.add_argument("--prompt", default="Describe the video.", help="the request (HF targets; default %(default)r)")
     d.add_argument("--visual-tokens", type=_int_at_least(1), default=None,
-                   help="visual tokens of the synthetic video (default 6000, --quick 1000)")
-    d.add_argument("--max-new-tokens", type=_int_at_least(1), default=None, help="default 96, --quick 48")
+                   help="visual tokens of the held-out video (default 1500, --quick 512; tiny: 6000, --quick 1000)")
+    d.add_argument("--max-new-tokens", type=_int_at_least(1), default=None,
+                   help="default 320, --quick 96 (tiny: 96, --quick 48)")
     d.add_argument("--temperature", type=TEMPERATURE, default=0.0)
-    d.add_argument("--seed", type=int, default=0, help="which held-out synthetic video")
+    d.add_argument("--seed", type=int, default=0, help="which held-out video")
     d.add_argument("--rounds", type=_int_at_least(1), default=3,
                    help="interleaved autoregressive / sparrow rounds; the speedup is shown as median, min, max")
-    d.add_argument("--draft", default=None, help="draft directory (default: the committed Sparrow draft)")
+    d.add_argument("--draft", default=None, help="draft directory (default: the target's committed Sparrow draft)")
     d.add_argument("--device", default="cpu")
     common_opts(d)
 
     g = sub.add_parser("generate", help="answer a prompt about a video file")
     g.add_argument("--video", required=True, help="mp4/webm/avi file")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--target", default=None, help="local Qwen2.5-VL / LLaVA-OneVision directory (default: built-in tiny LM)")
-    g.add_argument("--draft", default=None, help="draft directory (default: the committed draft of the tiny LM)")
+    g.add_argument("--target", default=None,
+                   help="'qwen2_5_vl_world' (default: the committed Qwen2.5-VL of the narrated world), 'tiny' "
+                        "(the built-in tiny video LM) or a local Qwen2.5-VL / LLaVA-OneVision directory")
+    g.add_argument("--draft", default=None,
+                   help="draft directory (default: the committed Sparrow draft of a committed target)")
     g.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding")
     g.add_argument("--frames", type=_int_at_least(1), default=None,
                    help="sample this many frames uniformly (default: every frame)")

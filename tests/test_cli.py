@@ -96,7 +96,7 @@ def config_edit(**changes):
 def test_broken_draft_is_one_line_exit_2(tmp_path, capsys, damage, expected):
     draft = draft_copy(tmp_path)
     damage(draft)
-    code, out, err = run(["demo", "--quick", "--draft", str(draft)], capsys)
+    code, out, err = run(["demo", "--quick", "--target", "tiny", "--draft", str(draft)], capsys)
     line = one_error_line(err)
     assert code == 2 and f"--draft {draft}" in line
     import re
@@ -171,13 +171,14 @@ def test_generate_stats_on_a_video_file(capsys, clip):
     from sparrow_kernels.targets.tinyvlm import TinyVLMTarget
 
     code, out, err = run(["generate", "--video", str(clip), "--prompt", "describe the video in detail .",
-                          "--max-new-tokens", "6", "--stats", "--device", "cpu"], capsys)
+                          "--target", "tiny", "--max-new-tokens", "6", "--stats", "--device", "cpu"], capsys)
     assert code == 0, err
     visual = TinyVLMTarget.load().visual_tokens_for(8)
     assert f"video: 8 frames of 32x32 (of 8 in the file) = {visual:,} visual tokens" in out
     assert "tau " in out and "note:" not in err                      # 8 frames: no long-clip notice
     code, out, _ = run(["generate", "--video", str(clip), "--prompt", "describe the video", "--frames", "3",
-                        "--max-new-tokens", "4", "--stats", "--no-draft", "--device", "cpu"], capsys)
+                        "--target", "tiny", "--max-new-tokens", "4", "--stats", "--no-draft", "--device", "cpu"],
+                       capsys)
     assert code == 0 and "video: 3 frames of 32x32 (of 8 in the file)" in out
 
 
@@ -187,7 +188,7 @@ def test_long_clip_without_frames_gets_a_notice(tmp_path, capsys):
     long_clip = write_clip(tmp_path / "long.mp4", cli.LONG_CLIP_FRAMES + 6, size=16)
     frames = cli.LONG_CLIP_FRAMES + 6
     code, _, err = run(["generate", "--video", str(long_clip), "--prompt", "describe the video",
-                        "--max-new-tokens", "2", "--no-draft", "--device", "cpu"], capsys)
+                        "--target", "tiny", "--max-new-tokens", "2", "--no-draft", "--device", "cpu"], capsys)
     visual = TinyVLMTarget.load().visual_tokens_for(frames)
     assert code == 0
     notes = [line for line in err.splitlines() if "note: reading all" in line]
@@ -218,7 +219,7 @@ def test_long_stream_without_frame_count_gets_the_notice_after_reading(tmp_path,
 
 def test_words_outside_the_tiny_vocabulary_are_named(capsys, clip):
     code, _, err = run(["generate", "--video", str(clip), "--prompt", "describe the giraffe video Quickly",
-                        "--max-new-tokens", "2", "--no-draft", "--device", "cpu"], capsys)
+                        "--target", "tiny", "--max-new-tokens", "2", "--no-draft", "--device", "cpu"], capsys)
     assert code == 0
     notes = [line for line in err.splitlines() if "unknown to it" in line]
     assert len(notes) == 1 and notes[0].endswith("(read as <unk>): giraffe, quickly")
@@ -250,7 +251,7 @@ def test_real_process_exit_code_and_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- demo and exit codes
-DEMO_SMALL = ["demo", "--quick", "--visual-tokens", "64", "--max-new-tokens", "8"]
+DEMO_SMALL = ["demo", "--quick", "--target", "tiny", "--visual-tokens", "64", "--max-new-tokens", "8"]
 
 
 def test_demo_reports_rounds_spread_and_what_identical_means(capsys):
@@ -265,6 +266,46 @@ def test_demo_reports_rounds_spread_and_what_identical_means(capsys):
     assert ar_text.split(": ", 1)[1] == sp_text.split(": ", 1)[1]
     assert "over 2 interleaved rounds" in out and "median" in out and "min" in out
     assert "identical: yes - sparrow's answer is token for token the target's own greedy answer" in out
+
+
+def test_demo_defaults_to_the_world_target_and_its_sparrow_draft(capsys):
+    """No --target: the committed Qwen2.5-VL of the narrated world, its committed Sparrow draft, a
+    natural prompt through the chat template; the speculative answer equals the target's own."""
+    code, out, err = run(["demo", "--quick", "--visual-tokens", "64", "--max-new-tokens", "12", "--rounds", "1",
+                          "--prompt", "Tell me everything that happens in the video."], capsys)
+    assert code == 0, err
+    assert "Loading weights" not in err                                 # no progress bar from transformers
+    lines = out.splitlines()
+    assert lines[0].startswith("Sparrow demo: qwen2_5_vl_world (stock Qwen2.5-VL:")
+    assert "prompt 'Tell me everything that happens in the video.'" in lines[0]
+    assert lines[1].startswith("reference     : ") and len(lines[1]) > 100  # the world's own narration
+    ar_text = next(line for line in lines if line.startswith("autoregressive: "))
+    sp_text = next(line for line in lines if line.startswith("sparrow       : "))
+    assert ar_text.split(": ", 1)[1] == sp_text.split(": ", 1)[1] and len(ar_text) > 30
+    assert "identical: yes" in out
+
+
+def test_demo_rejects_an_empty_prompt_and_a_user_target_without_draft(capsys, tmp_path):
+    from sparrow_kernels.targets.hf_qwen import QwenVLTarget
+
+    code, _, err = run(["demo", "--prompt", "  "], capsys)
+    assert code == 2 and "--prompt is empty" in one_error_line(err)
+    target_dir = tmp_path / "qwen"
+    QwenVLTarget.tiny_random(seed=0).model.save_pretrained(target_dir)
+    code, _, err = run(["demo", "--quick", "--target", str(target_dir)], capsys)
+    assert code == 2 and f"--target {target_dir} has no committed draft: pass --draft DIR" in one_error_line(err)
+
+
+def test_generate_defaults_to_the_world_target_and_is_lossless(capsys, clip):
+    argv = ["generate", "--video", str(clip), "--prompt", "Describe the video.", "--max-new-tokens", "10",
+            "--device", "cpu"]
+    code, plain, err = run(argv + ["--no-draft"], capsys)
+    assert code == 0 and "unknown to it" not in err, err
+    code, spec, err = run(argv + ["--stats"], capsys)
+    assert code == 0, err
+    assert spec.splitlines()[0] == plain.strip() and len(plain.strip()) > 10
+    named = ["--target", "qwen2_5_vl_world"]
+    assert run(argv + named, capsys)[1].strip() == plain.strip()
 
 
 def test_demo_exit_1_when_outputs_differ(capsys, monkeypatch):

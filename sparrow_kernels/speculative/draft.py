@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.checks import check_tensor
+from ..targets.committed import CHECKPOINTS, WORLD_TARGET
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -619,11 +620,21 @@ def load_draft(path: str | os.PathLike, target) -> SparrowDraft:
 # The committed draft the CLI and the demo use: Sparrow's VATA (text-only window cache) + MTP,
 # without IVSB, which lowered agreement on the tiny LM (benchmarks/RESULTS.md, ablations).
 DEFAULT_DRAFT = "vata_mtp"
+# For the committed Qwen2.5-VL world target: the full recipe (VATA + IVSB + MTP), named as the paper does.
+DEFAULT_WORLD_DRAFT = "sparrow"
 
 
-def committed_draft_dir(name: str = DEFAULT_DRAFT) -> str:
-    """Directory of a committed draft for the built-in tiny VLM (e.g. 'sparrow', 'visual_kv')."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "drafts", name)
+def committed_draft_dir(name: str | None = None, target: str = "tiny") -> str:
+    """Directory of a committed draft (e.g. 'sparrow', 'visual_kv') of a committed target: 'tiny'
+    (the built-in tiny VLM; checkpoints/drafts) or 'qwen2_5_vl_world' (checkpoints/qwen2_5_vl_world_drafts).
+    `name` defaults to that target's default draft."""
+    if target == "tiny":
+        return str(CHECKPOINTS / "drafts" / (name or DEFAULT_DRAFT))
+    if target == WORLD_TARGET:
+        return str(CHECKPOINTS / f"{WORLD_TARGET}_drafts" / (name or DEFAULT_WORLD_DRAFT))
+    raise ValueError(f"committed_draft_dir: target {target!r} has no committed drafts; expected 'tiny' or "
+                     f"{WORLD_TARGET!r}")
 
 
-__all__ = ["DEFAULT_DRAFT", "DraftCache", "DraftConfig", "SparrowDraft", "committed_draft_dir", "load_draft"]
+__all__ = ["DEFAULT_DRAFT", "DEFAULT_WORLD_DRAFT", "DraftCache", "DraftConfig", "SparrowDraft", "committed_draft_dir",
+           "load_draft"]

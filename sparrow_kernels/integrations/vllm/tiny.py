@@ -116,14 +116,20 @@ def build_random_draft(out_dir: str | os.PathLike, target_dir: str | os.PathLike
     return Path(out_dir)
 
 
-def random_video(seed: int, frames: int = 8, size: int = 112, fps: float = 2.0):
-    """A vLLM video input: (uint8 frames `[T, size, size, 3]`, the metadata Qwen's processor needs)."""
-    import numpy as np
-
-    pixels = np.random.default_rng(seed).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
-    metadata = {"total_num_frames": frames, "fps": fps, "duration": frames / fps, "width": size, "height": size,
+def video_input(pixels, fps: float):
+    """A vLLM video input: (uint8 frames `[T, H, W, 3]`, the metadata Qwen's processor needs: the
+    frames are already sampled, at `fps`)."""
+    frames, height, width = pixels.shape[:3]
+    metadata = {"total_num_frames": frames, "fps": fps, "duration": frames / fps, "width": width, "height": height,
                 "frames_indices": list(range(frames)), "video_backend": "opencv", "do_sample_frames": False}
     return pixels, metadata
 
 
-__all__ = ["TEXT_PROMPT", "VIDEO_PROMPT", "build_random_draft", "build_tiny_qwen25vl", "random_video"]
+def random_video(seed: int, frames: int = 8, size: int = 112, fps: float = 2.0):
+    """`video_input` of random uint8 pixels `[frames, size, size, 3]`."""
+    import numpy as np
+
+    return video_input(np.random.default_rng(seed).integers(0, 256, (frames, size, size, 3), dtype=np.uint8), fps)
+
+
+__all__ = ["TEXT_PROMPT", "VIDEO_PROMPT", "build_random_draft", "build_tiny_qwen25vl", "random_video", "video_input"]
