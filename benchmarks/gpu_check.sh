@@ -105,6 +105,14 @@ if [ -f benchmarks/run.py ]; then
     --json "$OUT/bench_small.json"
   # real-size costs (Qwen2.5-VL-7B / LLaVA-OV-7B shapes, random weights) and the projected speedup
   step projection 150 $PYTHON benchmarks/gpu_projection.py --device cuda --out "$OUT/gpu_projection.json"
+  # the same timings projected with the paper's ablation tau at 25k (full recipe 4.37, none 2.95) and
+  # with the narrated-world Qwen target's study (benchmarks/results/qwen_world/e2e.json): no GPU time
+  step projection_paper_tau 30 $PYTHON benchmarks/gpu_projection.py --reproject "$OUT/gpu_projection.json" \
+    --tau sparrow=4.37 --tau visual_kv=2.95 --out "$OUT/gpu_projection_paper_tau.json"
+  if [ -f benchmarks/results/qwen_world/e2e.json ]; then
+    step projection_world_tau 30 $PYTHON benchmarks/gpu_projection.py --reproject "$OUT/gpu_projection.json" \
+      --tau-from benchmarks/results/qwen_world/e2e.json --out "$OUT/gpu_projection_world_tau.json"
+  fi
   if ! step bench_window 240 $PYTHON benchmarks/run.py --op window_attn --json "$OUT/bench.json"; then
     step bench_window_quick 90 $PYTHON benchmarks/run.py --op window_attn --quick --json "$OUT/bench_quick.json"
   fi

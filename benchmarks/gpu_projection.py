@@ -19,6 +19,9 @@ Timing: `triton.testing.do_bench` on CUDA, median wall-clock on CPU. It asserts 
 
     python benchmarks/gpu_projection.py --device cuda                 # both 7B shapes (a lent GPU)
     python benchmarks/gpu_projection.py --tiny --visual-tokens 64,128  # the code path on a CPU (tests)
+    # the same timings, projected again with another workload's tau (no timing, no GPU):
+    python benchmarks/gpu_projection.py --reproject gpu_projection.json --tau-from e2e.json --out world.json
+    python benchmarks/gpu_projection.py --reproject gpu_projection.json --tau sparrow=4.37 --tau visual_kv=2.95
 """
 from __future__ import annotations
 
@@ -48,6 +51,11 @@ def parse_args(argv=None):
                     help="the draft tree of the projection (default: the CLI's GPU tree)")
     ap.add_argument("--tau", action="append", default=[], metavar="METHOD=VALUE",
                     help="fixed tau for sparrow / visual_kv instead of measuring it on the tiny video LM")
+    ap.add_argument("--tau-from", default=None, metavar="E2E_JSON",
+                    help="per-length greedy tau of sparrow / visual_kv from an e2e.py study (its lengths must "
+                         "include --visual-tokens)")
+    ap.add_argument("--reproject", default=None, metavar="TIMINGS_JSON",
+                    help="no timing: recompute the projection of a saved run with --tau / --tau-from")
     ap.add_argument("--tau-videos", type=int, default=2)
     ap.add_argument("--tau-tokens", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -195,8 +203,60 @@ def measure_tau(lengths, tree, device, videos: int, tokens: int) -> dict:
     return out
 
 
+def tau_from_e2e(path: str, lengths: list[int]) -> dict:
+    """{method: {length: greedy tau}} for sparrow / visual_kv from an e2e.py JSON."""
+    greedy = json.loads(Path(path).read_text())["results"].get("0.0", {})
+    out = {}
+    for method in ("sparrow", "visual_kv"):
+        for L in lengths:
+            if str(L) not in greedy or method not in greedy[str(L)]:
+                sys.exit(f"gpu_projection: {path} has no greedy tau of {method} at {L} visual tokens "
+                         f"(lengths there: {sorted(greedy, key=int)})")
+            out.setdefault(method, {})[str(L)] = greedy[str(L)][method]["tau"]
+    return out
+
+
+def fixed_tau(args, lengths: list[int]) -> tuple[dict, str | None]:
+    """The tau given on the command line (--tau-from, then --tau over it) and its source label."""
+    tau = tau_from_e2e(args.tau_from, lengths) if args.tau_from else {}
+    given = {k: float(v) for k, v in (s.split("=", 1) for s in args.tau)}
+    tau.update({m: {str(L): given[m] for L in lengths} for m in given})
+    if not {"sparrow", "visual_kv"} <= set(tau):
+        return tau, None
+    parts = ([f"e2e study {args.tau_from}"] if args.tau_from else []) + [f"fixed {k}={v}" for k, v in given.items()]
+    return tau, ", ".join(parts)
+
+
+def reproject(args) -> int:
+    """The projection of saved timings recomputed with other tau values (draft-phase timings were
+    taken with the accepted length of the original tau; that is the one input not redone)."""
+    saved = json.loads(Path(args.reproject).read_text())
+    lengths = sorted({int(L) for rows in saved["results"].values() for L in rows})
+    tau, source = fixed_tau(args, lengths)
+    if source is None:
+        sys.exit("gpu_projection: --reproject needs tau for sparrow and visual_kv (--tau-from and/or --tau)")
+    nodes = str(saved["meta"]["tree_nodes"])
+    for name, rows in saved["results"].items():
+        for L, row in rows.items():
+            row["tau"] = {m: tau[m][L] for m in ("sparrow", "visual_kv")}
+            row["projected_decoding_speedup"] = {
+                m: row["tau"][m] * row["decode_step_ms"] / (row["draft_phase_ms"][m] + row["verify_ms"][nodes])
+                for m in ("sparrow", "visual_kv")}
+            p = row["projected_decoding_speedup"]
+            print(f"{name} visual={int(L):6d} tau {row['tau']['sparrow']:.2f} / {row['tau']['visual_kv']:.2f}  "
+                  f"projected x{p['sparrow']:.2f} / x{p['visual_kv']:.2f}")
+    saved["meta"].update(tau_source=source, reprojected_from=args.reproject, argv=sys.argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(saved, indent=1))
+    print(f"gpu_projection: wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.reproject:
+        return reproject(args)
     from sparrow_kernels.speculative.tree import TreeShape
 
     device = torch.device(args.device)
@@ -204,9 +264,8 @@ def main(argv=None) -> int:
     lengths = [int(x) for x in args.visual_tokens.split(",")]
     node_counts = [int(x) for x in args.nodes.split(",")]
     tree = TreeShape(*map(int, args.tree.split(","))) if args.tree else TreeShape.for_device(device)
-    fixed_tau = {k: float(v) for k, v in (s.split("=", 1) for s in args.tau)}
-    tau = {m: {str(L): fixed_tau[m] for L in lengths} for m in fixed_tau}
-    if not {"sparrow", "visual_kv"} <= set(tau):
+    tau, source = fixed_tau(args, lengths)
+    if source is None:
         measured = measure_tau(lengths, tree, device, args.tau_videos, args.tau_tokens)
         tau = {**measured, **tau}
     dims = TINY if args.tiny else SEVEN_B
@@ -249,7 +308,7 @@ def main(argv=None) -> int:
     meta = {"machine": platform.node(), "device": torch.cuda.get_device_name() if device.type == "cuda" else
             (platform.processor() or platform.machine()), "torch": torch.__version__, "dtype": str(dtype),
             "shapes": dims, "tree": tree.as_dict(), "tree_nodes": tree_nodes, "text_entries": TEXT_ENTRIES,
-            "tau_source": "fixed" if fixed_tau.keys() >= {"sparrow", "visual_kv"} else "tiny video LM, this tree",
+            "tau_source": source or "tiny video LM, this tree",
             "argv": sys.argv, "label": "projection: tau x decode step / (draft phase + tree verification)"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -93,7 +93,25 @@ def test_gpu_projection_code_path_on_tiny_shapes(tmp_path):
         assert str(data["meta"]["tree_nodes"]) in row["verify_ms"] and "4" in row["verify_ms"]
         assert row["tau"] == {"sparrow": 4.0, "visual_kv": 3.0}
         assert row["projected_decoding_speedup"]["sparrow"] > 0
-    assert data["meta"]["tau_source"] == "fixed"
+    assert data["meta"]["tau_source"] == "fixed sparrow=4.0, fixed visual_kv=3.0"
+    # the same timings projected again with per-length tau from an e2e study, then a fixed override
+    study = tmp_path / "e2e.json"
+    study.write_text(json.dumps({"results": {"0.0": {"40": {"sparrow": {"tau": 5.0}, "visual_kv": {"tau": 2.0}}}}}))
+    again = tmp_path / "again.json"
+    assert gpu_projection.main(["--reproject", str(out), "--tau-from", str(study), "--tau", "visual_kv=1.5",
+                                "--out", str(again)]) == 0
+    redone = json.loads(again.read_text())
+    for name, rows in redone["results"].items():
+        row, old = rows["40"], data["results"][name]["40"]
+        assert row["tau"] == {"sparrow": 5.0, "visual_kv": 1.5}
+        assert row["decode_step_ms"] == old["decode_step_ms"]                         # nothing re-timed
+        for method, tau in (("sparrow", 5.0), ("visual_kv", 1.5)):
+            assert row["projected_decoding_speedup"][method] == pytest.approx(
+                old["projected_decoding_speedup"][method] * tau / old["tau"][method])
+    assert redone["meta"]["tau_source"] == f"e2e study {study}, fixed visual_kv=1.5"
+    with pytest.raises(SystemExit, match="no greedy tau of sparrow at 40"):
+        study.write_text(json.dumps({"results": {"0.0": {"500": {}}}}))
+        gpu_projection.main(["--reproject", str(out), "--tau-from", str(study), "--out", str(again)])
 
 
 def test_hf_attention_benchmark_code_path(tmp_path):
