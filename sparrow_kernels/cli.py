@@ -146,7 +146,7 @@ def _stream_text(chunks, decode, out=None):
 def _decoder(target):
     from sparrow_kernels.targets.decoding import detokenizer
 
-    return detokenizer(target, None)
+    return detokenizer(target, None, skip_special_tokens=True)
 
 
 def _decode_rate(stats, n_tokens) -> float:

@@ -6,6 +6,8 @@ benchmarks and training call it. It must not know drafts, trees or the engine.
 """
 from __future__ import annotations
 
+import inspect
+
 import math
 import numbers
 import time
@@ -233,14 +235,19 @@ class RowOutput:
         return any(s in tail for s in self.stop_strings)
 
 
-def detokenizer(target, tokenizer):
-    """ids -> text through `tokenizer` (else the target's), or None when neither can decode."""
+def detokenizer(target, tokenizer, skip_special_tokens: bool = False):
+    """ids -> text through `tokenizer` (else the target's), or None when neither can decode.
+    `skip_special_tokens` (for display: no <|im_end|>) applies to tokenizers whose decode takes it."""
     tok = tokenizer if tokenizer is not None else getattr(target, "tokenizer", None)
     if tok is None:
         return None
     if not hasattr(tok, "decode"):                       # an HF processor wraps its tokenizer
         tok = getattr(tok, "tokenizer", None)
-    return (lambda ids: tok.decode(list(ids))) if tok is not None and hasattr(tok, "decode") else None
+    if tok is None or not hasattr(tok, "decode"):
+        return None
+    if skip_special_tokens and "skip_special_tokens" in inspect.signature(tok.decode).parameters:
+        return lambda ids: tok.decode(list(ids), skip_special_tokens=True)
+    return lambda ids: tok.decode(list(ids))
 
 
 def check_room(prompt_lengths: Tensor, capacity: int, max_new_tokens: int, tree_nodes: int) -> None:

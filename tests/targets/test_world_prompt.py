@@ -55,3 +55,12 @@ def test_the_world_target_loads_by_name():
     assert resolve_target("some/dir") == "some/dir"
     with pytest.raises(FileNotFoundError, match=f"'tiny', '{WORLD_TARGET}' or a local directory"):
         load_target("no/such/dir")
+
+
+def test_display_detokenizer_drops_special_tokens(world_target):
+    from sparrow_kernels.targets.decoding import detokenizer
+
+    tok = getattr(world_target.tokenizer, "tokenizer", world_target.tokenizer)      # a processor or a tokenizer
+    ids = tok.encode("A red cross.") + [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert detokenizer(world_target, None)(ids) == "A red cross.<|im_end|>"       # stop strings see everything
+    assert detokenizer(world_target, None, skip_special_tokens=True)(ids) == "A red cross."
