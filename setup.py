@@ -232,7 +232,8 @@ def main() -> None:
         version=f"{BASE_VERSION}+{_torch_tag(with_cuda)}",
         packages=packages,
         package_dir=package_dir,
-        package_data={"sparrow_kernels": ["checkpoints/**/*.safetensors", "checkpoints/**/*.json"]},
+        package_data={"sparrow_kernels": ["checkpoints/**/*.safetensors", "checkpoints/**/*.json",
+                                     "checkpoints/**/*.jinja"]},
         ext_modules=[_extension(with_cuda)],
         # ninja when installed (parallel, honours MAX_JOBS); plain setuptools otherwise
         cmdclass={"build_ext": _ReusingBuildExt.with_options(use_ninja=cpp_extension.is_ninja_available())},

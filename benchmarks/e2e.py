@@ -9,6 +9,7 @@ It measures; it asserts nothing about speed.
     python benchmarks/e2e.py                       # built-in tiny video LM, committed drafts
     python benchmarks/e2e.py --quick               # one short setting (CI smoke; output in a temp dir)
     python benchmarks/e2e.py --replot benchmarks/results/e2e.json   # redraw the plots of a saved run
+    python benchmarks/e2e.py --target qwen2_5_vl_world   # the committed Qwen2.5-VL and its committed drafts
     python benchmarks/e2e.py --target DIR --draft sparrow=DIR --draft visual_kv=DIR2   # HF checkpoints
 """
 from __future__ import annotations
@@ -33,12 +34,14 @@ PYTHON_SUFFIX = "_python"     # a method run with SparrowGenerator(fast_draft=Fa
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default="tiny", help="'tiny' or a local HF checkpoint directory")
+    ap.add_argument("--target", default="tiny",
+                    help="'tiny', 'qwen2_5_vl_world' (the committed Qwen2.5-VL) or a local HF checkpoint directory")
     ap.add_argument("--attn-implementation", default=None,
                     help="HF targets only: transformers attention implementation (default: the adapters' 'sparrow'; "
                          "'sdpa' or 'eager' for an A/B run)")
     ap.add_argument("--draft", action="append", default=[], metavar="NAME=DIR",
-                    help="drafts to compare (default: the committed visual_kv, sparrow and vata_mtp drafts of the tiny LM)")
+                    help="drafts to compare (default: the committed target's committed visual_kv, sparrow and "
+                         "vata_mtp drafts, those that exist; a user's target needs --draft)")
     ap.add_argument("--visual-tokens", default=",".join(map(str, DEFAULT_LENGTHS)))
     ap.add_argument("--videos", type=int, default=2, help="held-out synthetic videos per setting")
     ap.add_argument("--max-new-tokens", type=int, default=64)

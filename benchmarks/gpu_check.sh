@@ -107,9 +107,11 @@ if [ -f benchmarks/run.py ]; then
   step projection 150 $PYTHON benchmarks/gpu_projection.py --device cuda --out "$OUT/gpu_projection.json"
   # the same timings projected with the paper's ablation tau at 25k (full recipe 4.37, none 2.95) and
   # with the narrated-world Qwen target's study (benchmarks/results/qwen_world/e2e.json): no GPU time
-  step projection_paper_tau 30 $PYTHON benchmarks/gpu_projection.py --reproject "$OUT/gpu_projection.json" \
-    --tau sparrow=4.37 --tau visual_kv=2.95 --out "$OUT/gpu_projection_paper_tau.json"
-  if [ -f benchmarks/results/qwen_world/e2e.json ]; then
+  if [ -f "$OUT/gpu_projection.json" ]; then
+    step projection_paper_tau 30 $PYTHON benchmarks/gpu_projection.py --reproject "$OUT/gpu_projection.json" \
+      --tau sparrow=4.37 --tau visual_kv=2.95 --out "$OUT/gpu_projection_paper_tau.json"
+  fi
+  if [ -f "$OUT/gpu_projection.json" ] && [ -f benchmarks/results/qwen_world/e2e.json ]; then
     step projection_world_tau 30 $PYTHON benchmarks/gpu_projection.py --reproject "$OUT/gpu_projection.json" \
       --tau-from benchmarks/results/qwen_world/e2e.json --out "$OUT/gpu_projection_world_tau.json"
   fi

@@ -21,7 +21,8 @@ Timing: `triton.testing.do_bench` on CUDA, median wall-clock on CPU. It asserts 
     python benchmarks/gpu_projection.py --tiny --visual-tokens 64,128  # the code path on a CPU (tests)
     # the same timings, projected again with another workload's tau (no timing, no GPU):
     python benchmarks/gpu_projection.py --reproject gpu_projection.json --tau-from e2e.json --out world.json
-    python benchmarks/gpu_projection.py --reproject gpu_projection.json --tau sparrow=4.37 --tau visual_kv=2.95
+    python benchmarks/gpu_projection.py --reproject gpu_projection.json --tau sparrow=4.37 --tau visual_kv=2.95 \
+        --out paper_tau.json
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def parse_args(argv=None):
     ap.add_argument("--tau-tokens", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny LM shapes instead of 7B (CPU smoke test of the code path)")
-    ap.add_argument("--out", default=str(HERE / "results" / "gpu_projection.json"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/gpu_projection.json; required with "
+                                                 "--reproject")
     return ap.parse_args(argv)
 
 
@@ -205,7 +207,7 @@ def measure_tau(lengths, tree, device, videos: int, tokens: int) -> dict:
 
 def tau_from_e2e(path: str, lengths: list[int]) -> dict:
     """{method: {length: greedy tau}} for sparrow / visual_kv from an e2e.py JSON."""
-    greedy = json.loads(Path(path).read_text())["results"].get("0.0", {})
+    greedy = json.loads(Path(path).read_text())["results"].get("0.0", {})   # the study's own tree: its meta
     out = {}
     for method in ("sparrow", "visual_kv"):
         for L in lengths:
@@ -223,13 +225,19 @@ def fixed_tau(args, lengths: list[int]) -> tuple[dict, str | None]:
     tau.update({m: {str(L): given[m] for L in lengths} for m in given})
     if not {"sparrow", "visual_kv"} <= set(tau):
         return tau, None
-    parts = ([f"e2e study {args.tau_from}"] if args.tau_from else []) + [f"fixed {k}={v}" for k, v in given.items()]
+    study = ""
+    if args.tau_from:
+        tree = json.loads(Path(args.tau_from).read_text()).get("meta", {}).get("tree")
+        study = f"e2e study {args.tau_from}" + (f" (its tree {tree})" if tree else "")
+    parts = ([study] if study else []) + [f"fixed {k}={v}" for k, v in given.items()]
     return tau, ", ".join(parts)
 
 
 def reproject(args) -> int:
     """The projection of saved timings recomputed with other tau values (draft-phase timings were
     taken with the accepted length of the original tau; that is the one input not redone)."""
+    if args.out is None:
+        sys.exit("gpu_projection: --reproject needs --out (the measured timings stay as they are)")
     saved = json.loads(Path(args.reproject).read_text())
     lengths = sorted({int(L) for rows in saved["results"].values() for L in rows})
     tau, source = fixed_tau(args, lengths)
@@ -310,7 +318,7 @@ def main(argv=None) -> int:
             "shapes": dims, "tree": tree.as_dict(), "tree_nodes": tree_nodes, "text_entries": TEXT_ENTRIES,
             "tau_source": source or "tiny video LM, this tree",
             "argv": sys.argv, "label": "projection: tau x decode step / (draft phase + tree verification)"}
-    out = Path(args.out)
+    out = Path(args.out or HERE / "results" / "gpu_projection.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"gpu_projection: wrote {out}")

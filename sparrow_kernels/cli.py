@@ -20,7 +20,8 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- helpers
 LONG_CLIP_FRAMES = 64    # reading more frames than this without --frames / --fps prints a notice
-DEMO_MAX_VISUAL_TOKENS = 100_000
+MAX_VISUAL_TOKENS = 100_000   # demo and generate hold the whole video and its KV cache in memory
+DEMO_MAX_VISUAL_TOKENS = MAX_VISUAL_TOKENS
 
 
 def _one_line(text) -> str:
@@ -75,24 +76,39 @@ def _load_target(spec, device):
     try:
         return load_target(spec, device=device)
     except _LOAD_ERRORS as err:
-        what = "the built-in tiny video LM" if spec in (None, "tiny") else f"--target {spec}"
+        what = ("the built-in tiny video LM" if spec in (None, "tiny") else
+                f"the committed target {spec}" if _is_world(spec) else f"--target {spec}")
         raise UserError(f"cannot load {what}: {_one_line(err)}") from err
+
+
+def _is_world(spec) -> bool:
+    """Whether `spec` names the committed world target (by name or by its directory)."""
+    from sparrow_kernels.targets import WORLD_TARGET_DIR, resolve_target
+
+    spec = resolve_target(spec)
+    if spec == "tiny":
+        return False
+    try:
+        return Path(spec).resolve() == WORLD_TARGET_DIR
+    except OSError:
+        return False
+
+
+def _world_frame_size() -> int:
+    from sparrow_kernels.targets.world_prompt import WORLD_FRAME_SIZE
+
+    return WORLD_FRAME_SIZE
 
 
 def _committed_draft(spec) -> str | None:
     """The committed draft of a committed target ('tiny', the world target by name or by its
     directory), else None (a user's target needs --draft)."""
     from sparrow_kernels.speculative.draft import committed_draft_dir
-    from sparrow_kernels.targets import WORLD_TARGET, WORLD_TARGET_DIR, resolve_target
+    from sparrow_kernels.targets import WORLD_TARGET, resolve_target
 
-    spec = resolve_target(spec)
-    if spec == "tiny":
+    if resolve_target(spec) == "tiny":
         return committed_draft_dir(target="tiny")
-    try:
-        same = Path(spec).resolve() == WORLD_TARGET_DIR
-    except OSError:
-        same = False
-    return committed_draft_dir(target=WORLD_TARGET) if same else None
+    return committed_draft_dir(target=WORLD_TARGET) if _is_world(spec) else None
 
 
 def _load_draft(path, target, spec="tiny"):
@@ -234,6 +250,9 @@ def cmd_demo(args) -> int:
     threads = _threads(args, device)
     spec = args.target or WORLD_TARGET
     tiny = spec == "tiny"
+    if not args.draft and _committed_draft(spec) is None:
+        raise UserError(f"--target {spec} has no committed draft: pass --draft DIR (train one with "
+                        f"`sparrow train-draft --target {spec}`)")
     target = _load_target(spec, device)
     draft = _load_draft(args.draft, target, spec)
     prompt, visual_tokens, reference = _demo_prompt(args, target, tiny)
@@ -241,15 +260,19 @@ def cmd_demo(args) -> int:
         (48 if args.quick else 96) if tiny else (96 if args.quick else 320))
     tree = _tree(args, device)
     greedy = args.temperature == 0
-    decode = _decoder(target)
+    text = _decoder(target)
+    decode = text if text is not None else (lambda ids: " ".join(map(str, ids)))   # no tokenizer: the ids
     frames = prompt.frames.shape[0]
     if tiny:
         what = f"built-in tiny video LM ({target.num_layers} layers, d={target.hidden_size})"
         clip = f"synthetic video of {frames} frames"
     else:
-        what = (f"{spec} (stock Qwen2.5-VL: {target.num_layers} layers, d={target.hidden_size}, vocabulary "
+        kind = getattr(getattr(getattr(target, "model", None), "config", None), "model_type", None)
+        kind = {"qwen2_5_vl": "Qwen2.5-VL", "llava_onevision": "LLaVA-OneVision"}.get(kind, kind or "HF model")
+        what = (f"{spec} (stock {kind}: {target.num_layers} layers, d={target.hidden_size}, vocabulary "
                 f"{target.vocab_size:,})")
-        clip = f"held-out world clip of {frames} frames at {prompt.fps:.3g} fps, prompt {args.prompt!r}"
+        asked = f"prompt {args.prompt!r}" if prompt.prompt is not None else "fixed prompt ids (no tokenizer)"
+        clip = f"held-out world clip of {frames} frames at {prompt.fps:.3g} fps, {asked}"
     print(f"Sparrow demo: {what}, {clip} = {_visual_tokens(target, prompt):,} visual tokens "
           f"(asked {visual_tokens}), up to {max_new} new tokens, device {device}{threads}, tree {tree.as_dict()}")
     print(f"{'ground truth' if tiny else 'reference':<14}: {reference}")
@@ -322,10 +345,14 @@ def cmd_generate(args) -> int:
 
     if whole and info.frame_count > LONG_CLIP_FRAMES:
         long_clip_note(info.frame_count, "reading")
+    height = args.height if args.height is not None else (_world_frame_size() if _is_world(spec) else None)
+    size = None
+    if height is not None and info.height > 0 and info.width > 0 and height != info.height:
+        size = (height, max(1, round(info.width * height / info.height)))   # the aspect ratio kept
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            frames = read_video(args.video, num_frames=args.frames, fps=args.fps)
+            frames = read_video(args.video, num_frames=args.frames, fps=args.fps, size=size)
         except VideoTooLargeError as err:
             raise UserError(f"{err} (here: --frames N or --fps R)") from err
     for w in caught:  # one line each, not Python's warning format with its source line
@@ -341,6 +368,11 @@ def cmd_generate(args) -> int:
         rate = min(args.fps, info.fps) if args.fps is not None and info.fps > 0 else args.fps
         prompt = VideoPrompt(frames=frames, prompt=args.prompt,
                              fps=rate if rate is not None else sampled_fps(info, frames.shape[0]))
+    visual = _visual_tokens(target, prompt)
+    if visual > MAX_VISUAL_TOKENS:
+        raise UserError(f"{frames.shape[0]:,} frames of {frames.shape[1]}x{frames.shape[2]} make {visual:,} visual "
+                        f"tokens, more than the CLI's bound of {MAX_VISUAL_TOKENS:,}; pass fewer --frames, a lower "
+                        f"--fps or a smaller --height")
     decode = _decoder(target)
     if args.no_draft:
         res = autoregressive_generate(target, [prompt], args.max_new_tokens, temperature=args.temperature,
@@ -355,7 +387,7 @@ def cmd_generate(args) -> int:
         stats, n = last.stats, len(ids)
     if args.stats:
         print(f"video: {frames.shape[0]} frames of {frames.shape[1]}x{frames.shape[2]} "
-              f"(of {info.frame_count or '?'} in the file) = {_visual_tokens(target, prompt):,} visual tokens")
+              f"(of {info.frame_count or '?'} in the file) = {visual:,} visual tokens")
         print(_speed_line("stats", stats, n))
         print(f"tau {stats.tau:.2f}, steps {stats.steps}, draft {stats.draft_s * 1e3:.0f} ms, "
               f"verify {stats.verify_s * 1e3:.0f} ms, bookkeeping {stats.bookkeeping_s * 1e3:.0f} ms")
@@ -433,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=_int_at_least(0), default=0,
                         help="CPU threads (0: $OMP_NUM_THREADS, else 2 on an idle machine and 1 on a busy one)")
 
-    d = sub.add_parser("demo", help="tiny video LM + committed Sparrow draft vs autoregressive, side by side")
+    d = sub.add_parser("demo", help="a committed target + its Sparrow draft vs autoregressive, side by side")
     d.add_argument("--quick", action="store_true", help="a shorter video and answer (CI smoke)")
     d.add_argument("--target", default=None,
                    help="'qwen2_5_vl_world' (default: the committed Qwen2.5-VL of the narrated world), 'tiny' "
@@ -464,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample this many frames uniformly (default: every frame)")
     g.add_argument("--fps", type=_float_in(0.0, 1e9, low_open=True, what="a number > 0"), default=None,
                    help="or sample at this rate")
+    g.add_argument("--height", type=_int_at_least(1), default=None,
+                   help="resize frames to this height, aspect ratio kept (default: 112 for the committed world "
+                        "target, its training size; as stored otherwise)")
     g.add_argument("--temperature", type=TEMPERATURE, default=0.0)
     g.add_argument("--top-p", dest="top_p", type=_float_in(0.0, 1.0, low_open=True, what="in (0, 1]"), default=1.0)
     g.add_argument("--max-new-tokens", type=_int_at_least(1), default=128)

@@ -296,6 +296,39 @@ def test_demo_rejects_an_empty_prompt_and_a_user_target_without_draft(capsys, tm
     assert code == 2 and f"--target {target_dir} has no committed draft: pass --draft DIR" in one_error_line(err)
 
 
+def test_demo_on_a_user_target_without_tokenizer(capsys, tmp_path):
+    """A user's HF directory (no processor) with --draft: the header names its model type and says
+    the prompt is fixed ids; the answers print as ids; still lossless."""
+    from sparrow_kernels.integrations.vllm.tiny import build_random_draft
+    from sparrow_kernels.targets.hf_qwen import QwenVLTarget
+
+    target_dir = tmp_path / "qwen"
+    QwenVLTarget.tiny_random(seed=0).model.save_pretrained(target_dir)
+    draft = build_random_draft(tmp_path / "draft", target_dir)
+    code, out, err = run(["demo", "--quick", "--target", str(target_dir), "--draft", str(draft),
+                          "--visual-tokens", "32", "--max-new-tokens", "6", "--rounds", "1"], capsys)
+    assert code == 0, err
+    assert "(stock Qwen2.5-VL:" in out and "fixed prompt ids (no tokenizer)" in out
+    ar_text = next(line for line in out.splitlines() if line.startswith("autoregressive: "))
+    assert all(word.isdigit() for word in ar_text.split(": ", 1)[1].split())
+    assert "identical: yes" in out
+
+
+def test_generate_reads_frames_at_the_world_size_and_bounds_visual_tokens(capsys, tmp_path, monkeypatch):
+    clip = write_clip(tmp_path / "wide.mp4", 8, size=224)
+    argv = ["generate", "--video", str(clip), "--prompt", "Describe the video.", "--max-new-tokens", "3",
+            "--no-draft", "--stats", "--device", "cpu"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert "video: 8 frames of 112x112 (of 8 in the file) = 64 visual tokens" in out   # 16 per 2 frames
+    code, out, err = run(argv + ["--height", "56"], capsys)
+    assert code == 0 and "video: 8 frames of 56x56" in out, err
+    monkeypatch.setattr(cli, "MAX_VISUAL_TOKENS", 40)
+    code, _, err = run(argv, capsys)
+    line = one_error_line(err)
+    assert code == 2 and "8 frames of 112x112 make 64 visual tokens, more than the CLI's bound of 40" in line
+
+
 def test_generate_defaults_to_the_world_target_and_is_lossless(capsys, clip):
     argv = ["generate", "--video", str(clip), "--prompt", "Describe the video.", "--max-new-tokens", "10",
             "--device", "cpu"]

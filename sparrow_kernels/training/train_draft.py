@@ -188,9 +188,11 @@ def load_any_target(spec: str | None, device: str = "cpu"):
 
 def target_fingerprint(spec: str | None, target) -> str:
     """Identifies the target's weights (so cached answers are never reused across targets)."""
+    from ..targets import resolve_target
     from ..targets.tinyvlm import DEFAULT_CHECKPOINT
 
-    path = Path(DEFAULT_CHECKPOINT if spec in (None, "tiny") else spec) / "model.safetensors"
+    spec = resolve_target(spec)
+    path = Path(DEFAULT_CHECKPOINT if spec == "tiny" else spec) / "model.safetensors"
     if path.is_file():
         h = hashlib.sha1()
         with open(path, "rb") as f:
