@@ -29,8 +29,9 @@ def _has_ops() -> bool:
 
 
 # RMSNorms computing x / rms(x) * weight (fp32 statistics): torch's, the tiny VLM's and HF's
-# Llama/Qwen2 ones. Not Gemma's (x * (1 + weight)), so the head is matched by class name.
-RMS_NORM_CLASSES = ("RMSNorm", "LlamaRMSNorm", "Qwen2RMSNorm")
+# Llama / Qwen2 (LLaVA-OneVision's LM) / Qwen2-VL / Qwen2.5-VL ones. Not Gemma's (x * (1 + weight)),
+# so the head is matched by class name.
+RMS_NORM_CLASSES = ("RMSNorm", "LlamaRMSNorm", "Qwen2RMSNorm", "Qwen2VLRMSNorm", "Qwen2_5_VLRMSNorm")
 
 
 def _norm_eps(norm: nn.Module) -> float | None:

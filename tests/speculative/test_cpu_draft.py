@@ -166,3 +166,48 @@ def test_capacity_overflow_is_an_error_and_leaves_the_cache():
             cpu_draft.prepare(draft, TreeShape()).extend(cache, tokens, features, torch.tensor([1, 4]))
     assert torch.equal(cache.lengths, before_len)
     assert torch.equal(cache.k.nan_to_num(), before_k.nan_to_num())
+
+
+@pytest.mark.parametrize("module,cls", [("qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLRMSNorm"),
+                                        ("qwen2_vl.modeling_qwen2_vl", "Qwen2VLRMSNorm"),
+                                        ("qwen2.modeling_qwen2", "Qwen2RMSNorm")])
+def test_stock_hf_heads_take_the_compiled_path(module, cls):
+    """The final norms of the stock Qwen2.5-VL / Qwen2-VL / Qwen2 (LLaVA-OneVision's LM) heads compute
+    x / rms(x) * weight: the compiled draft phase covers them and builds the Python path's tree."""
+    import importlib
+
+    norm_cls = getattr(importlib.import_module(f"transformers.models.{module}"), cls)
+    draft = make_draft(seed=3)
+    linear = draft.frozen.lm_head[-1] if isinstance(draft.frozen.lm_head, torch.nn.Sequential) else None
+    assert linear is not None
+    norm = norm_cls(linear.in_features, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    draft.frozen.lm_head = torch.nn.Sequential(norm, linear)
+    with torch.inference_mode():
+        assert cpu_draft.available(draft)
+        (c_py, c_fast), root_hidden = _filled_pair(draft, 2, [5, 9], capacity=60, seed=1)
+        root = torch.tensor([3, 7])
+        expect = build_tree(draft, c_py, root, root_hidden, TreeShape(12, 5, 2))
+        got = cpu_draft.prepare(draft, TreeShape(12, 5, 2)).build_tree(c_fast, root, root_hidden)
+    _assert_same_tree(expect, got)
+
+
+def test_world_target_generates_the_same_through_both_draft_paths(monkeypatch):
+    """The committed Qwen2.5-VL world target and its Sparrow draft: greedy output and tau identical
+    with the compiled draft phase and with SPARROW_CPU_DRAFT=0 (the Python path)."""
+    from sparrow_kernels.data.world import World, heldout_world_seed
+    from sparrow_kernels.speculative.draft import SparrowDraft, committed_draft_dir
+    from sparrow_kernels.speculative.engine import SparrowGenerator
+    from sparrow_kernels.targets import WORLD_TARGET, load_target
+    from sparrow_kernels.targets.world_prompt import world_prompt
+
+    target = load_target(WORLD_TARGET)
+    draft = SparrowDraft.load(committed_draft_dir(target=WORLD_TARGET), target)
+    with torch.inference_mode():
+        assert cpu_draft.available(draft)
+    prompt = world_prompt(target, World(heldout_world_seed(7001)), 96)
+    fast = SparrowGenerator(target, draft, TreeShape(12, 5, 2)).generate([prompt], 40)
+    monkeypatch.setenv("SPARROW_CPU_DRAFT", "0")
+    slow = SparrowGenerator(target, draft, TreeShape(12, 5, 2)).generate([prompt], 40)
+    assert fast.tokens == slow.tokens and fast.stats.steps == slow.stats.steps
