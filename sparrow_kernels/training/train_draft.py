@@ -215,7 +215,7 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparrow train-draft", description=" ".join(__doc__.split()).split(". ")[0] + ".",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--target", default="tiny", help="'tiny' (committed tiny VLM) or a target directory")
+    p.add_argument("--target", default="tiny", help="'tiny' (committed tiny VLM), 'qwen2_5_vl_world' (the committed Qwen2.5-VL) or a target directory")
     p.add_argument("--out", required=True, help="output directory (draft, trainer state, logs)")
     p.add_argument("--export", default=None, help="also copy the final draft (model + config) here")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
