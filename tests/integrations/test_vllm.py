@@ -1,8 +1,9 @@
 """The Sparrow draft inside vLLM (CPU build): the plugin registers it, vLLM with it returns exactly
 vLLM's own greedy output for concurrent text and video requests, and poisoning the draft's inputs
-and cache at visual positions changes none of its proposals or hidden states. Two engine sessions
-(no speculation; Sparrow draft), each in a subprocess (tests/integrations/vllm_engine_run.py), on
-a tiny random Qwen2.5-VL. Runs in the vLLM venv (.ci/run); skipped where vLLM is not importable.
+and cache at visual positions changes none of its proposals or hidden states. Engine sessions (no
+speculation; Sparrow draft), each in a subprocess (tests/integrations/vllm_engine_run.py), on a
+tiny random Qwen2.5-VL and on the committed trained Qwen2.5-VL world checkpoint with its committed
+Sparrow draft. Runs in the vLLM venv (.ci/run); skipped where vLLM is not importable.
 """
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ pytestmark = [
 ]
 
 RUNNER = Path(__file__).with_name("vllm_engine_run.py")
+CHECKPOINTS = Path(__file__).resolve().parents[2] / "sparrow_kernels" / "checkpoints"
 
 
-def run_engine(target: Path, draft: Path | None, tmp: Path) -> dict:
+def run_engine(target: Path, draft: Path | None, tmp: Path, *extra: str) -> dict:
     command = [sys.executable, str(RUNNER), "--target", str(target)] + (["--draft", str(draft)] if draft else [])
+    command += list(extra)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     log = tmp / ("spec.log" if draft else "baseline.log")
     with open(log, "w") as out:
@@ -76,3 +79,30 @@ def test_poisoned_visual_positions_leave_the_draft_unchanged(runs):
     assert spec["poisoned_positions"] == spec["visual_tokens"] > 0, "every visual position was poisoned"
     assert spec["proposals_equal"]
     assert spec["hidden_equal"] and spec["hidden_finite"]
+
+
+@pytest.fixture(scope="module")
+def world_runs(tmp_path_factory):
+    """The committed world target and its committed Sparrow draft, exported as a user would."""
+    from sparrow_kernels.integrations.vllm.export import export_vllm
+
+    tmp = tmp_path_factory.mktemp("vllm_world")
+    target = CHECKPOINTS / "qwen2_5_vl_world"
+    exported = export_vllm(CHECKPOINTS / "qwen2_5_vl_world_drafts" / "sparrow", target, tmp / "draft_vllm")
+    extra = ("--max-tokens", "48", "--world")
+    return {"baseline": run_engine(target, None, tmp, *extra), "sparrow": run_engine(target, exported, tmp, *extra)}
+
+
+def test_trained_checkpoint_is_lossless_and_its_draft_is_accepted(world_runs):
+    """vLLM with the committed Sparrow draft returns vLLM's own greedy output on the trained target
+    (world prompts in its chat format: 2 without and 2 with a held-out clip, at once, the video
+    prefills chunked), the draft trained for it is accepted on most proposals, and poisoning the
+    visual positions changes none of its proposals."""
+    base, spec = world_runs["baseline"], world_runs["sparrow"]
+    assert spec["outputs"] == base["outputs"] and all(len(o) == 48 for o in base["outputs"])
+    metrics = spec["metrics"]
+    drafted, accepted = (metrics[f"vllm:spec_decode_num_{k}_tokens"] for k in ("draft", "accepted"))
+    drafted, accepted = (sum(v) if isinstance(v, list) else v for v in (drafted, accepted))
+    assert accepted > 0.5 * drafted, f"a trained draft is accepted on most proposals: {accepted} of {drafted}"
+    assert spec["outputs_poisoned"] == spec["outputs_again"] == spec["outputs"]
+    assert spec["poisoned_positions"] == spec["visual_tokens"] > 0 and spec["proposals_equal"]

@@ -34,6 +34,29 @@ def requests():
     return batch
 
 
+# the committed world target's chat format (its chat template; with and without a system message)
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+WORLD_TURN = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def world_requests():
+    """Requests the world target was trained for: narration prompts about held-out world clips
+    (16 frames of 112 px at the clip's own rate) and two without a video. The second video request
+    has no system message, so the probe tells the two video prompts apart before their videos."""
+    from sparrow_kernels.data.world import World, heldout_world_seed
+    from sparrow_kernels.integrations.vllm.tiny import video_input
+
+    batch = [{"prompt": SYSTEM + WORLD_TURN.format(content=text)}
+             for text in ("Describe the video.", "How many objects are there?")]
+    for i, text in enumerate(("Describe the video in detail.", "What happens in this video? Give a detailed account.")):
+        world = World(heldout_world_seed(7000 + i))
+        video = video_input(world.render(16, 112), 16 / world.duration)
+        batch.append({"prompt": ("" if i else SYSTEM) + WORLD_TURN.format(content=VIDEO + text),
+                      "multi_modal_data": {"video": video}})
+    return batch
+
+
 def make_probe():
     """The exported model class, plus recording and (when `poison` is set) noise in the target
     features and NaN in the draft's cache at every visual entry."""
@@ -124,6 +147,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--token-budget", type=int, default=40, help="vLLM max_num_batched_tokens")
+    parser.add_argument("--world", action="store_true", help="world-clip requests in the world target's chat format")
     args = parser.parse_args()
 
     from vllm import LLM, ModelRegistry, SamplingParams
@@ -149,7 +173,7 @@ def main() -> None:
     llm = LLM(**kwargs)
     result = {"engine_start_s": round(time.time() - start, 1)}
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    batch = requests()
+    batch = world_requests() if args.world else requests()
     result["prompt_lengths"] = []
     outputs = llm.generate(batch, params, use_tqdm=False)
     result["outputs"] = [list(o.outputs[0].token_ids) for o in outputs]
