@@ -354,7 +354,7 @@ def cmd_generate(args) -> int:
         try:
             frames = read_video(args.video, num_frames=args.frames, fps=args.fps, size=size)
         except VideoTooLargeError as err:
-            raise UserError(f"{err} (here: --frames N or --fps R)") from err
+            raise UserError(f"{err} (here: --frames N, --fps R or --height H)") from err
     for w in caught:  # one line each, not Python's warning format with its source line
         _note(f"warning: {_one_line(w.message)}")
     if whole and not info.frame_count and frames.shape[0] > LONG_CLIP_FRAMES:  # no count known before reading

@@ -388,7 +388,10 @@ def test_video_over_the_memory_budget_names_the_cli_options(capsys, monkeypatch,
     import sparrow_kernels.data.video_io as video_io
 
     monkeypatch.setattr(video_io, "available_memory_bytes", lambda: 3 * 32 * 32 * 3)
-    code, _, err = run(["generate", "--video", str(clip), "--prompt", "describe the video", "--device", "cpu"],
-                       capsys)
+    code, _, err = run(["generate", "--video", str(clip), "--prompt", "describe the video", "--device", "cpu",
+                        "--target", "tiny"], capsys)
     line = one_error_line(err)
-    assert code == 2 and "at most 3 frames fit" in line and line.endswith("(here: --frames N or --fps R)")
+    assert code == 2 and "at most 3 frames fit" in line and line.endswith("(here: --frames N, --fps R or --height H)")
+    code, _, err = run(["generate", "--video", str(clip), "--prompt", "describe the video", "--device", "cpu"],
+                       capsys)              # the world target reads 112 px frames: none fits this budget
+    assert code == 2 and "not even one frame fits" in one_error_line(err)
