@@ -83,12 +83,11 @@ def tree_settings(args, device):
 def load_drafts(args, target):
     from sparrow_kernels.speculative.draft import SparrowDraft, committed_draft_dir
 
-    from sparrow_kernels.targets import WORLD_TARGET, WORLD_TARGET_DIR, resolve_target
+    from sparrow_kernels.targets import committed_target
 
     specs = dict(s.split("=", 1) for s in args.draft)
     if not specs:   # the committed drafts of a committed target
-        spec = resolve_target(args.target)
-        owner = "tiny" if spec == "tiny" else WORLD_TARGET if Path(spec).resolve() == WORLD_TARGET_DIR else None
+        owner = committed_target(args.target)
         names = METHODS + (tuple(a for a in ABLATIONS if a not in METHODS) if args.ablations else ())
         specs = {n: committed_draft_dir(n, owner) for n in names
                  if owner and os.path.isdir(committed_draft_dir(n, owner))}

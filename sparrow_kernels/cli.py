@@ -83,15 +83,9 @@ def _load_target(spec, device):
 
 def _is_world(spec) -> bool:
     """Whether `spec` names the committed world target (by name or by its directory)."""
-    from sparrow_kernels.targets import WORLD_TARGET_DIR, resolve_target
+    from sparrow_kernels.targets import WORLD_TARGET, committed_target
 
-    spec = resolve_target(spec)
-    if spec == "tiny":
-        return False
-    try:
-        return Path(spec).resolve() == WORLD_TARGET_DIR
-    except OSError:
-        return False
+    return committed_target(spec) == WORLD_TARGET
 
 
 def _world_frame_size() -> int:
@@ -100,24 +94,24 @@ def _world_frame_size() -> int:
     return WORLD_FRAME_SIZE
 
 
-def _committed_draft(spec) -> str | None:
-    """The committed draft of a committed target ('tiny', the world target by name or by its
-    directory), else None (a user's target needs --draft)."""
+def _draft_path(draft, spec, alternative: str = "") -> str:
+    """--draft, else the committed draft of a committed target ('tiny' or the world target); a
+    user's target without --draft is a UserError (`alternative`: another way out, said after)."""
     from sparrow_kernels.speculative.draft import committed_draft_dir
-    from sparrow_kernels.targets import WORLD_TARGET, resolve_target
+    from sparrow_kernels.targets import committed_target
 
-    if resolve_target(spec) == "tiny":
-        return committed_draft_dir(target="tiny")
-    return committed_draft_dir(target=WORLD_TARGET) if _is_world(spec) else None
+    if draft:
+        return draft
+    owner = committed_target(spec)
+    if owner is None:
+        raise UserError(f"--target {spec} has no committed draft: pass --draft DIR (train one with "
+                        f"`sparrow train-draft --target {spec}`){alternative}")
+    return committed_draft_dir(target=owner)
 
 
-def _load_draft(path, target, spec="tiny"):
+def _load_draft(path, target):
     from sparrow_kernels.speculative.draft import SparrowDraft
 
-    path = path or _committed_draft(spec)
-    if path is None:
-        raise UserError(f"--target {spec} has no committed draft: pass --draft DIR (train one with "
-                        f"`sparrow train-draft --target {spec}`)")
     try:
         draft = SparrowDraft.load(path, target)
     except _LOAD_ERRORS as err:  # missing files, not a draft, unreadable or mismatched weights
@@ -250,11 +244,9 @@ def cmd_demo(args) -> int:
     threads = _threads(args, device)
     spec = args.target or WORLD_TARGET
     tiny = spec == "tiny"
-    if not args.draft and _committed_draft(spec) is None:
-        raise UserError(f"--target {spec} has no committed draft: pass --draft DIR (train one with "
-                        f"`sparrow train-draft --target {spec}`)")
+    draft_path = _draft_path(args.draft, spec)            # before loading anything
     target = _load_target(spec, device)
-    draft = _load_draft(args.draft, target, spec)
+    draft = _load_draft(draft_path, target)
     prompt, visual_tokens, reference = _demo_prompt(args, target, tiny)
     max_new = args.max_new_tokens if args.max_new_tokens is not None else (
         (48 if args.quick else 96) if tiny else (96 if args.quick else 320))
@@ -326,9 +318,7 @@ def cmd_generate(args) -> int:
     from sparrow_kernels.targets import WORLD_TARGET
 
     spec = args.target or WORLD_TARGET
-    if not args.draft and not args.no_draft and _committed_draft(spec) is None:
-        raise UserError(f"--target {spec} needs --draft DIR (train one with `sparrow train-draft`), "
-                        "or pass --no-draft for plain decoding")
+    draft_path = None if args.no_draft else _draft_path(args.draft, spec, ", or pass --no-draft for plain decoding")
     device = _device(args.device)
     _threads(args, device)
     info = probe_video(args.video)
@@ -380,7 +370,7 @@ def cmd_generate(args) -> int:
         print(decode(res.tokens[0]) if decode else res.tokens[0])
         stats, n = res.stats, len(res.tokens[0])
     else:
-        draft = _load_draft(args.draft, target, spec)
+        draft = _load_draft(draft_path, target)
         gen = SparrowGenerator(target, draft, _tree(args, device))
         last, ids = _stream_text(gen.stream([prompt], args.max_new_tokens, temperature=args.temperature,
                                             top_p=args.top_p, seed=args.seed), decode)

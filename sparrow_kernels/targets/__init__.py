@@ -1,7 +1,8 @@
 """Targets: the Video LLMs the engine speculates for, behind the `Target` protocol (base.py).
 
 `load_target` picks the adapter: the built-in tiny video LM, the committed Qwen2.5-VL of the
-narrated world (by name), or a local Qwen2.5-VL / LLaVA-OneVision checkpoint directory. Concrete models are imported lazily, only when asked
+narrated world (by name), or a local Qwen2.5-VL / LLaVA-OneVision checkpoint directory.
+Concrete models are imported lazily, only when asked
 for; nothing here downloads (HF loading runs with `local_files_only=True`).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from sparrow_kernels.targets.committed import WORLD_TARGET, WORLD_TARGET_DIR
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "llava_onevision")
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "WORLD_TARGET", "WORLD_TARGET_DIR", "PrefillOutput", "Target", "TargetState",
-           "TreeOutput", "VideoPrompt", "load_target", "resolve_target"]
+           "TreeOutput", "VideoPrompt", "committed_target", "load_target", "resolve_target"]
 
 
 def resolve_target(spec_or_dir: str | Path | None) -> str | Path:
@@ -26,6 +27,18 @@ def resolve_target(spec_or_dir: str | Path | None) -> str | Path:
     if isinstance(spec_or_dir, str) and spec_or_dir == WORLD_TARGET:
         return WORLD_TARGET_DIR
     return spec_or_dir
+
+
+def committed_target(spec_or_dir: str | Path | None) -> str | None:
+    """Which committed target `spec_or_dir` names ('tiny', or WORLD_TARGET by name or by its
+    directory), else None: a user's checkpoint (it has no committed drafts)."""
+    spec = resolve_target(spec_or_dir)
+    if spec == "tiny":
+        return "tiny"
+    try:
+        return WORLD_TARGET if Path(spec).resolve() == WORLD_TARGET_DIR else None
+    except OSError:
+        return None
 
 
 def load_target(spec_or_dir: str | Path | None = None, **kwargs) -> Target:

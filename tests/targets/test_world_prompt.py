@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparrow_kernels.data.world import World, heldout_world_seed
-from sparrow_kernels.targets import WORLD_TARGET, WORLD_TARGET_DIR, load_target, resolve_target
+from sparrow_kernels.targets import WORLD_TARGET, WORLD_TARGET_DIR, committed_target, load_target, resolve_target
 from sparrow_kernels.targets.world_prompt import world_prompt
 
 
@@ -53,6 +53,10 @@ def test_world_prompt_without_a_tokenizer_uses_fixed_ids():
 def test_the_world_target_loads_by_name():
     assert resolve_target(WORLD_TARGET) == WORLD_TARGET_DIR and resolve_target(None) == "tiny"
     assert resolve_target("some/dir") == "some/dir"
+    assert committed_target(None) == committed_target("tiny") == "tiny"
+    assert committed_target(WORLD_TARGET) == committed_target(str(WORLD_TARGET_DIR)) == WORLD_TARGET
+    assert committed_target(WORLD_TARGET_DIR / ".." / WORLD_TARGET) == WORLD_TARGET       # any spelling of the path
+    assert committed_target("some/dir") is None
     with pytest.raises(FileNotFoundError, match=f"'tiny', '{WORLD_TARGET}' or a local directory"):
         load_target("no/such/dir")
 
