@@ -9,6 +9,7 @@ token / seconds per token (decode phase only). It measures; it asserts nothing.
 
     python benchmarks/tree_sweep.py                                   # default draft, CPU shapes
     python benchmarks/tree_sweep.py --trees 10,3,3 12,5,2 20,6,3 --visual-tokens 500,25000
+    python benchmarks/tree_sweep.py --target qwen2_5_vl_world --visual-tokens 500,1500 --max-new-tokens 256
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ DEFAULT_TREES = ("10,3,3", "12,5,2", "16,5,3", "14,6,2", "20,6,3", "16,7,2", "24
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--draft", default=None, help="committed draft name or a draft directory (default: DEFAULT_DRAFT)")
+    ap.add_argument("--target", default="tiny", help="'tiny', 'qwen2_5_vl_world' or a target directory (as e2e.py)")
+    ap.add_argument("--draft", default=None,
+                    help="committed draft name or a draft directory (default: the committed target's default draft)")
     ap.add_argument("--trees", nargs="+", default=list(DEFAULT_TREES), metavar="TOTAL,DEPTH,TOPK")
     ap.add_argument("--visual-tokens", default="500,25000")
     ap.add_argument("--videos", type=int, default=2)
@@ -40,18 +43,21 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from e2e import PrefillOnce, video_prompt
-    from sparrow_kernels.speculative.draft import DEFAULT_DRAFT, SparrowDraft, committed_draft_dir
+    from sparrow_kernels.speculative.draft import SparrowDraft, committed_draft_dir
     from sparrow_kernels.speculative.engine import SparrowGenerator, autoregressive_generate
     from sparrow_kernels.speculative.tree import TreeShape
+    from sparrow_kernels.targets import committed_target, load_target
     from sparrow_kernels.targets.decoding import kv_capacity
-    from sparrow_kernels.targets.tinyvlm import TinyVLMTarget
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     trees = [TreeShape(*map(int, t.split(","))) for t in args.trees]
-    target = TinyVLMTarget.load()
-    name = args.draft or DEFAULT_DRAFT
-    draft = SparrowDraft.load(name if Path(name).is_dir() else committed_draft_dir(name), target)
+    target = load_target(args.target)
+    owner = committed_target(args.target)
+    if args.draft is None and owner is None:
+        raise SystemExit("tree_sweep: --draft DIR is needed for a target that has no committed drafts")
+    name = args.draft or committed_draft_dir(None, owner)
+    draft = SparrowDraft.load(name if Path(name).is_dir() else committed_draft_dir(name, owner), target)
     lengths = [int(x) for x in args.visual_tokens.split(",")]
     results = {}
     for L in lengths:
@@ -106,7 +112,7 @@ def main(argv=None) -> int:
         results[str(L)] = {"ar_ms_per_token": 1e3 * ar_per_token, "trees": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
+    meta = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(), "target": args.target,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "draft": name, "videos": args.videos,
             "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "argv": sys.argv}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))

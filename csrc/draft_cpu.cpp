@@ -27,6 +27,8 @@ namespace {
 
 // The draft layer's weights, input-major ([in, out]) as SparrowDraft.inference_weights() holds
 // them, plus the target's final norm and LM head; passed by name (cpu_draft.py builds the dict).
+// With a draft vocabulary (optional entry "vocab": K sorted target ids, EAGLE-3's draft-to-target
+// map) lm_head holds only those K rows and drafted tokens are mapped back through it.
 struct Layer {
   at::Tensor table;        // [V, H]   fc applied to every normed token embedding
   at::Tensor feature_fc;   // [H, H]   fc's feature half, feature_norm weight folded in
@@ -38,9 +40,10 @@ struct Layer {
   at::Tensor gate_up;      // [H, 2 I]
   at::Tensor down;         // [I, H]
   at::Tensor final_norm;   // [H]
-  at::Tensor lm_head;      // [V, H]  (nn.Linear layout)
+  at::Tensor lm_head;      // [K, H]  (nn.Linear layout; K = V without a draft vocabulary)
+  at::Tensor vocab;        // [K] int64 strictly increasing target ids, or undefined (identity)
   double eps_feature, eps_input, eps_post, eps_final;
-  int64_t Hq, Hkv, D, H, V;
+  int64_t Hq, Hkv, D, H, V, K;
   int64_t window, n_anchor;
   float scale;
   std::vector<float> inv_freq;  // [D / 2]
@@ -70,8 +73,10 @@ void check_eps(const char* op, const char* name, double eps) {
 Layer make_layer(const char* op, const c10::Dict<std::string, at::Tensor>& w, double eps_feature, double eps_input,
                  double eps_post, double eps_final, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                  double rope_theta, int64_t window, int64_t n_anchor) {
-  TORCH_CHECK(w.size() == std::size(kWeightNames), op, ": weights must hold exactly the entries table, "
-              "feature_fc, fuse, input_norm, qkv, o, post_norm, gate_up, down, final_norm, lm_head; got ", w.size());
+  const bool has_vocab = w.contains("vocab");
+  TORCH_CHECK(w.size() == std::size(kWeightNames) + (has_vocab ? 1 : 0), op, ": weights must hold exactly the "
+              "entries table, feature_fc, fuse, input_norm, qkv, o, post_norm, gate_up, down, final_norm, lm_head "
+              "and optionally vocab; got ", w.size());
   check_eps(op, "eps_feature", eps_feature);
   check_eps(op, "eps_input", eps_input);
   check_eps(op, "eps_post", eps_post);
@@ -101,6 +106,22 @@ Layer make_layer(const char* op, const c10::Dict<std::string, at::Tensor>& w, do
   TORCH_CHECK(gate_up.size(1) % 2 == 0, op, ": weights['gate_up'] must be [H, 2 I] (even width), got ",
               format_sizes(gate_up.sizes()));
   const int64_t I = gate_up.size(1) / 2;
+  at::Tensor vocab;
+  int64_t K = V;
+  if (has_vocab) {
+    vocab = w.at("vocab");
+    check_tensor(op, "weights['vocab']", vocab, {{"K", kAnySize}}, {at::kLong}, kCpu);
+    TORCH_CHECK(vocab.is_contiguous(), op, ": weights['vocab'] must be contiguous");
+    K = vocab.size(0);
+    TORCH_CHECK(K >= 1 && K <= V, op, ": weights['vocab'] must hold 1 to V=", V, " ids, got ", K);
+    const int64_t* ids = vocab.data_ptr<int64_t>();
+    for (int64_t i = 0; i < K; ++i) {
+      TORCH_CHECK(ids[i] >= 0 && ids[i] < V, op, ": weights['vocab'][", i, "]=", ids[i], " is outside [0, V=", V,
+                  ")");
+      TORCH_CHECK(i == 0 || ids[i] > ids[i - 1], op, ": weights['vocab'] must be strictly increasing, but entry ", i,
+                  " (", ids[i], ") follows ", ids[i - 1]);
+    }
+  }
   Layer L{table,
           weight(op, w, "feature_fc", {{"H", H}, {"H", H}}),
           fused ? weight(op, w, "fuse", {{"F", kAnySize}, {"H", H}}) : weight(op, w, "fuse", {{"empty", 0}}),
@@ -111,8 +132,9 @@ Layer make_layer(const char* op, const c10::Dict<std::string, at::Tensor>& w, do
           gate_up,
           weight(op, w, "down", {{"I", I}, {"H", H}}),
           weight(op, w, "final_norm", {{"H", H}}),
-          weight(op, w, "lm_head", {{"V", V}, {"H", H}}),
-          eps_feature, eps_input, eps_post, eps_final, num_heads, num_kv_heads, head_dim, H, V, window, n_anchor,
+          weight(op, w, "lm_head", {{has_vocab ? "K (the vocab's size)" : "V", K}, {"H", H}}),
+          vocab,
+          eps_feature, eps_input, eps_post, eps_final, num_heads, num_kv_heads, head_dim, H, V, K, window, n_anchor,
           static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim))), {}};
   L.inv_freq.resize(head_dim / 2);
   for (int64_t i = 0; i < head_dim / 2; ++i) {
@@ -282,14 +304,15 @@ at::Tensor input_states(const Layer& L, const std::vector<int64_t>& tokens, cons
   return x;
 }
 
-// Log-probabilities [T, V] of draft hidden [T, H] through the target's final norm + LM head.
+// Log-probabilities [T, K] of draft hidden [T, H] through the target's final norm + LM head (rows
+// of the draft vocabulary; column i is target id vocab_id(L, i)).
 at::Tensor log_probs(const Layer& L, const at::Tensor& hidden) {
   const int64_t T = hidden.size(0), H = L.H;
   at::Tensor h = at::empty({T, H}, hidden.options());
   rms_rows(fptr(hidden), fptr(h), T, H, L.eps_final, fptr(L.final_norm));
-  at::Tensor logits = at::mm(h, L.lm_head.t());                        // [T, V]
+  at::Tensor logits = at::mm(h, L.lm_head.t());                        // [T, K]
   float* lp = fptr(logits);
-  const int64_t V = logits.size(1);
+  const int64_t V = logits.size(1);                                    // K columns
   for (int64_t t = 0; t < T; ++t) {
     float* row = lp + t * V;
     const float m = *std::max_element(row, row + V);
@@ -299,6 +322,10 @@ at::Tensor log_probs(const Layer& L, const at::Tensor& hidden) {
     for (int64_t i = 0; i < V; ++i) row[i] -= lse;
   }
   return logits;
+}
+
+inline int64_t vocab_id(const Layer& L, int64_t column) {
+  return L.vocab.defined() ? L.vocab.data_ptr<int64_t>()[column] : column;
 }
 
 // Indices of the `count` largest of values[0..n), largest first, ties to the lower index.
@@ -334,8 +361,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t levels = static_cast<int64_t>(widths.size());
   int64_t pool_size = 0, scratch = 0;
   for (int64_t l = 0; l < levels; ++l) {
-    TORCH_CHECK(counts[l] >= 1 && counts[l] <= L.V, op, ": counts[", l, "] must be in [1, V=", L.V, "], got ",
-                counts[l]);
+    TORCH_CHECK(counts[l] >= 1 && counts[l] <= L.K, op, ": counts[", l, "] must be in [1, ", L.K,
+                "] (the draft's vocabulary size), got ", counts[l]);
     TORCH_CHECK(widths[l] >= 1, op, ": widths[", l, "] must be >= 1, got ", widths[l]);
     if (l > 0) {
       int64_t prev_level = 0;     // candidates of level l - 1 (saturates: only bounds widths[l])
@@ -375,9 +402,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::vector<int64_t> pool_token, pool_parent;
     std::vector<float> pool_score;
     at::Tensor root_h = rh_c[b].unsqueeze(0).contiguous();                // [1, H]
-    at::Tensor logp = log_probs(L, root_h);                               // [1, V]
-    for (int64_t i : top_indices(fptr(logp), L.V, counts[0])) {
-      pool_token.push_back(i);
+    at::Tensor logp = log_probs(L, root_h);                               // [1, K]
+    for (int64_t i : top_indices(fptr(logp), L.K, counts[0])) {
+      pool_token.push_back(vocab_id(L, i));
       pool_score.push_back(fptr(logp)[i]);
       pool_parent.push_back(-1);
     }
@@ -422,11 +449,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
       const at::Tensor x = input_states(L, frontier_tokens, prev);
       const at::Tensor hidden = layer_forward(L, x, positions, slots, k_row, v_row, capacity, keys);
-      const at::Tensor lp = log_probs(L, hidden);                         // [w, V]
+      const at::Tensor lp = log_probs(L, hidden);                         // [w, K]
       for (int64_t i = 0; i < w; ++i) {
-        const float* row = fptr(lp) + i * L.V;
-        for (int64_t t : top_indices(row, L.V, c)) {
-          pool_token.push_back(t);
+        const float* row = fptr(lp) + i * L.K;
+        for (int64_t t : top_indices(row, L.K, c)) {
+          pool_token.push_back(vocab_id(L, t));
           pool_score.push_back(frontier_scores[i] + row[t]);
           pool_parent.push_back(frontier[i]);
         }

@@ -62,16 +62,21 @@ def _head_parts(draft: SparrowDraft) -> tuple[Tensor, Tensor, float] | None:
 
 def _weights(draft: SparrowDraft) -> tuple[dict[str, Tensor], dict[str, float]] | None:
     """The weights by the names of csrc/draft_cpu.cpp's `weights` dict, and the norm epsilons
-    by its argument names; None when the draft or its LM head is not covered."""
+    by its argument names; None when the draft or its LM head is not covered. With a draft
+    vocabulary, `lm_head` holds only its rows and `vocab` the target ids they stand for."""
     weights = draft.inference_weights()
     head = _head_parts(draft)
     if weights is None or head is None:
         return None
     final_w, lm_w, final_eps = head
-    weights = {**weights, "final_norm": final_w.detach(), "lm_head": lm_w.detach()}
+    vocab = draft.draft_vocab
+    lm_rows = lm_w.detach() if vocab is None else draft.vocab_head_rows()
+    weights = {**weights, "final_norm": final_w.detach(), "lm_head": lm_rows}
     if any(w is None or w.dtype != torch.float32 or w.device.type != "cpu" for w in weights.values()):
         return None
     weights = {name: w.contiguous() for name, w in weights.items()}
+    if vocab is not None:
+        weights["vocab"] = vocab.to("cpu", torch.int64).contiguous()
     eps = {"eps_feature": draft.feature_norm.eps, "eps_input": draft.input_norm.eps,
            "eps_post": draft.post_attn_norm.eps, "eps_final": final_eps}
     if any(e is None for e in eps.values()):
@@ -178,6 +183,8 @@ def prepare(draft, shape: TreeShape) -> CompiledDraft | None:
     does not apply (CUDA, non-fp32, gradients on, an unsupported LM head or vocabulary, an
     object other than SparrowDraft, SPARROW_CPU_DRAFT=0)."""
     if not _supported(draft):
+        return None
+    if 0 < draft.config.draft_vocab_size < shape.top_k:      # the Python tree handles this corner
         return None
     prepared = _weights(draft)
     return None if prepared is None else CompiledDraft(draft, shape, *prepared)

@@ -43,6 +43,10 @@ class DraftConfig:
     # Target layer whose states feed the *visual* entries when visual_kv is True (IVSB
     # without VATA). None: the visual entries use `feature_layers` like the text ones.
     visual_feature_layer: int | None = None
+    # The draft vocabulary (EAGLE-3's draft-to-target map): 0 = the target's whole vocabulary;
+    # K > 0 = the draft proposes only the K target ids in its `draft_vocab` buffer (sorted,
+    # saved in model.safetensors), so each tree level computes K logits instead of V.
+    draft_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         self.feature_layers = tuple(int(x) for x in self.feature_layers)
@@ -55,6 +59,9 @@ class DraftConfig:
             raise ValueError(f"DraftConfig: head_dim must be even and <= 256, got {self.head_dim}")
         if self.n_anchor < 0:
             raise ValueError(f"DraftConfig: n_anchor must be >= 0, got {self.n_anchor}")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"DraftConfig: draft_vocab_size must be 0 (the whole vocabulary) or in [1, "
+                             f"vocab_size={self.vocab_size}], got {self.draft_vocab_size}")
 
     @property
     def feature_size(self) -> int:
@@ -209,6 +216,10 @@ class SparrowDraft(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, H, bias=False)
         self.training_info: dict = {}     # free-form metadata saved in config.json ("training")
         self._fused_weights: dict = {}    # inference-only concatenated projections (see _fused)
+        # draft vocabulary: sorted target ids [K] (placeholder until loaded or set_draft_vocab)
+        self.draft_vocab: Tensor | None
+        self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size, dtype=torch.int64)
+                             if config.draft_vocab_size > 0 else None)
 
     # ------------------------------------------------------------------ building blocks
     @property
@@ -347,10 +358,74 @@ class SparrowDraft(nn.Module):
             return x + self._linear("down", self.down_proj, nn.functional.silu(gate) * up)
         return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """Target's frozen final norm + LM head: `[.., H]` -> `[.., V]` (in the head's dtype)."""
+    def head_logits(self, hidden: Tensor) -> Tensor:
+        """Target's frozen final norm + LM head over its whole vocabulary: `[.., H]` -> `[.., V]`
+        (in the head's dtype). What the target would say after `hidden`; training's reference."""
         weight = next(self.frozen.lm_head.parameters(), None)
         return self.frozen.lm_head(hidden if weight is None else hidden.to(weight.dtype))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The draft's proposal logits `[.., H]` -> `[.., V]`: `head_logits`, with -inf outside
+        the draft vocabulary when there is one. Drafting (no gradient) with a head of
+        `Sequential(norm, bias-free Linear)` computes only the vocabulary's K rows."""
+        if self.draft_vocab is None:
+            return self.head_logits(hidden)
+        vocab = self.draft_vocab
+        rows = self.vocab_head_rows()
+        if rows is None:
+            full = self.head_logits(hidden)
+            return full.masked_fill(self._outside_vocab(full.device), float("-inf"))
+        norm = self.frozen.lm_head[0]
+        x = norm(hidden.to(rows.dtype))
+        small = nn.functional.linear(x, rows)                                          # [.., K]
+        out = small.new_full((*small.shape[:-1], self.config.vocab_size), float("-inf"))
+        out[..., vocab] = small
+        return out
+
+    def _outside_vocab(self, device: torch.device) -> Tensor:
+        """Bool `[V]`, True for target ids outside the draft vocabulary."""
+        mask = torch.ones(self.config.vocab_size, dtype=torch.bool, device=device)
+        mask[self.draft_vocab.to(device)] = False
+        return mask
+
+    def vocab_head_rows(self) -> Tensor | None:
+        """Inference-only `[K, H]` LM-head rows of the draft vocabulary, when the head is
+        `Sequential(norm, bias-free Linear)` and no gradient is recorded; else None."""
+        head = self.frozen.lm_head
+        if self.draft_vocab is None or not isinstance(head, nn.Sequential) or len(head) != 2:
+            return None
+        linear = head[1]
+        if not isinstance(linear, nn.Linear) or linear.bias is not None:
+            return None
+        return self._inference_weight("vocab_rows", lambda: linear.weight.detach()[self.draft_vocab].contiguous(),
+                                      linear.weight, self.draft_vocab)
+
+    def set_draft_vocab(self, ids: Tensor | None) -> None:
+        """Give the draft a vocabulary: `ids` = distinct target ids (any order; stored sorted),
+        or None for the whole vocabulary. Updates `config.draft_vocab_size`."""
+        if ids is None:
+            self.draft_vocab = None
+            self.config.draft_vocab_size = 0
+            return
+        ids = torch.as_tensor(ids)
+        if ids.dim() != 1 or ids.numel() == 0 or ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"SparrowDraft.set_draft_vocab: ids must be a non-empty 1-D integer tensor, got "
+                             f"{ids.dtype} of shape {list(ids.shape)}")
+        ids = torch.sort(ids.to(torch.int64).cpu()).values
+        self._check_vocab(ids, "ids")
+        self.draft_vocab = ids.to(self.device)
+        self.config.draft_vocab_size = int(ids.numel())
+
+    def _check_vocab(self, ids: Tensor, what: str) -> None:
+        V = self.config.vocab_size
+        if ids.dtype != torch.int64 or ids.dim() != 1 or not 1 <= ids.numel() <= V:
+            raise ValueError(f"SparrowDraft: {what} must be int64 [K] with 1 <= K <= vocab_size={V}, got "
+                             f"{ids.dtype} of shape {list(ids.shape)}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"SparrowDraft: {what} holds ids outside [0, vocab_size={V}): min {lo}, max {hi}")
+        if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+            raise ValueError(f"SparrowDraft: {what} must be strictly increasing target ids (sorted, no repeats)")
 
     # ------------------------------------------------------------------ cache API (engine)
     def new_cache(self, batch_size: int, capacity: int) -> DraftCache:
@@ -608,6 +683,8 @@ class SparrowDraft(nn.Module):
             detail = " ".join(str(err).split())
             raise ValueError(f"SparrowDraft.load: the weights in {weights_path} do not fit its config "
                              f"({detail})") from err
+        if draft.draft_vocab is not None:
+            draft._check_vocab(draft.draft_vocab.cpu(), f"draft_vocab in {weights_path}")
         draft.training_info = payload.get("training", {})
         return draft
 

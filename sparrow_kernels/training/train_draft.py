@@ -151,9 +151,16 @@ def unrolled_loss(draft: SparrowDraft, batch: DraftBatch, seqs: TargetSequences,
             continue
         target_h = hidden_last[rows, pos[rows, cols]]                                # [N, H]
         with torch.no_grad():
-            target_logp = torch.log_softmax(draft.logits(target_h).float(), dim=-1)  # [N, V]
+            target_logits = draft.head_logits(target_h).float()                      # [N, V]
+        target_top = target_logits.argmax(-1)                                        # [N] the target's token
         draft_h = out[rows, cols]                                                    # [N, H]
-        draft_logp = torch.log_softmax(draft.logits(draft_h).float(), dim=-1)       # [N, V]
+        draft_logits = draft.logits(draft_h).float()                                 # [N, V]
+        vocab = draft.draft_vocab
+        if vocab is not None:      # EAGLE-3: both distributions over the draft vocabulary's K ids
+            target_logits, draft_logits = target_logits[:, vocab], draft_logits[:, vocab]   # [N, K]
+        target_logp = torch.log_softmax(target_logits, dim=-1)
+        draft_logp = torch.log_softmax(draft_logits, dim=-1)
+        draft_top = draft_logp.argmax(-1) if vocab is None else vocab[draft_logp.argmax(-1)]
         ce = -(target_logp.exp() * draft_logp).sum(-1).mean()
         loss_k = ce
         if regress:
@@ -161,7 +168,7 @@ def unrolled_loss(draft: SparrowDraft, batch: DraftBatch, seqs: TargetSequences,
         w = decay ** (k - 1)
         total = total + w * loss_k
         weight_sum += w
-        agree = int((draft_logp.argmax(-1) == target_logp.argmax(-1)).sum())
+        agree = int((draft_top == target_top).sum())
         stats["agree"].append(agree)
         stats["count"].append(n)
         stats["ce"].append(float(ce.detach()))
@@ -169,6 +176,35 @@ def unrolled_loss(draft: SparrowDraft, batch: DraftBatch, seqs: TargetSequences,
 
 
 # --------------------------------------------------------------------------- setup
+
+
+def draft_vocab_from_answers(groups: list[DistillGroup], size: int, vocab_size: int,
+                              always: Sequence[int] = ()) -> Tensor:
+    """The draft vocabulary (EAGLE-3's draft-to-target map) of `size` target ids: `always`
+    (e.g. the target's EOS ids) first, then the ids the target's answers in `groups` use most,
+    then, for ids they never use, the lowest ids (for a BPE vocabulary: the earliest merges, the
+    commonest pieces of the tokenizer's corpus). Sorted int64 `[size]`."""
+    if not 1 <= size <= vocab_size:
+        raise ValueError(f"--draft-vocab must be in [1, vocab_size={vocab_size}], got {size}")
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for group in groups:
+        for sample in group.samples:
+            ids = torch.tensor(sample.answer_ids, dtype=torch.int64)
+            counts += torch.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size)
+    order = sorted(range(vocab_size), key=lambda i: (-int(counts[i]), i))     # by count, ties by id
+    chosen = list(dict.fromkeys([int(i) for i in always if 0 <= int(i) < vocab_size] + order))[:size]
+    return torch.tensor(sorted(chosen), dtype=torch.int64)
+
+
+def vocab_coverage(groups: list[DistillGroup], vocab: Tensor) -> float:
+    """Fraction of the answer tokens in `groups` that lie in `vocab`."""
+    inside = total = 0
+    allowed = set(vocab.tolist())
+    for group in groups:
+        for sample in group.samples:
+            inside += sum(1 for t in sample.answer_ids if t in allowed)
+            total += len(sample.answer_ids)
+    return inside / total if total else float("nan")
 
 
 def load_any_target(spec: str | None, device: str = "cpu"):
@@ -243,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-kv-heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--intermediate-size", type=int, default=None)
+    p.add_argument("--draft-vocab", type=int, default=0, metavar="K",
+                   help="draft vocabulary (EAGLE-3): propose only the K target ids the target's answers use most "
+                        "(0: the whole vocabulary). With --resume on a finished run it is added to the trained draft")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=8, help="videos per step (one frame count per step)")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -421,16 +460,22 @@ def train(args: argparse.Namespace) -> dict:
     draft = SparrowDraft.from_target(config, target).float()
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     start_step = 0
+    previous_info: dict = {}
     log_path = out / "log.jsonl"
     if args.resume and (out / TRAINER_STATE).is_file():
         state = torch.load(out / TRAINER_STATE, weights_only=True)
         resumed = SparrowDraft.load(out, target).float()
+        draft.set_draft_vocab(resumed.draft_vocab)
+        previous_info = resumed.training_info
         draft.load_state_dict(resumed.state_dict())
         opt.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
         torch.set_rng_state(state["rng"])
     elif log_path.exists():
         log_path.unlink()
+    if args.draft_vocab and draft.config.draft_vocab_size != args.draft_vocab:
+        draft.set_draft_vocab(draft_vocab_from_answers(train_groups, args.draft_vocab, target.vocab_size,
+                                                       always=target.eos_token_ids))
     draft.training_info = {
         "preset": args.preset, "vata": vata, "ivsb": ivsb, "mtp": mtp, "mtp_steps": steps_unrolled,
         "ivsb_layer": ivsb_layer if ivsb else None, "ivsb_keep": args.ivsb_keep if ivsb else None,
@@ -506,7 +551,14 @@ def train(args: argparse.Namespace) -> dict:
             evaluate(draft, eval_stores[frames], groups, infer_layout, max(steps_unrolled, 4),
                      last_layer)
     draft.training_info["heldout_eval"] = final
-    draft.training_info["final_loss"] = round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4) if losses else None
+    if draft.draft_vocab is not None:
+        draft.training_info["draft_vocab"] = {
+            "size": draft.config.draft_vocab_size,
+            "train_answer_coverage": round(vocab_coverage(train_groups, draft.draft_vocab), 5),
+            "heldout_answer_coverage": round(vocab_coverage([g for gs in eval_groups.values() for g in gs],
+                                                            draft.draft_vocab), 5)}
+    draft.training_info["final_loss"] = round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4) if losses else \
+        previous_info.get("final_loss")
     draft.save(out)
     log({"final_eval": final})
     (out / "eval.json").write_text(json.dumps(final, indent=2))

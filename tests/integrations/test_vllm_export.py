@@ -58,6 +58,21 @@ def test_export_writes_an_eagle3_draft_vllm_can_name(tmp_path):
     assert torch.equal(weights["norm"], torch.arange(H, dtype=torch.float32))
 
 
+def test_export_of_a_draft_with_a_vocabulary_drafts_over_the_whole_vocabulary(tmp_path):
+    """vLLM's proposer shares the target's LM head: the exported draft has no draft_vocab entry
+    and its config says draft_vocab_size 0; every other weight is exported as is."""
+    target = write_target(tmp_path / "target")
+    draft = write_draft(tmp_path / "plain")
+    draft.set_draft_vocab(torch.arange(0, V, 3))
+    draft.save(tmp_path / "draft")
+    out = export_vllm(tmp_path / "draft", target, tmp_path / "out")
+    section = json.loads((out / "config.json").read_text())["sparrow"]
+    assert section["draft"]["draft_vocab_size"] == 0
+    weights = load_file(str(out / "model.safetensors"))
+    assert set(weights) == {f"draft.{k}" for k in draft.state_dict() if k != "draft_vocab"} | {"norm"}
+    assert weights["norm"].dtype == torch.float32
+
+
 @pytest.mark.parametrize("case,match", [
     ("two_layers", "one feature layer"),
     ("hidden", "hidden_size=32 does not match the target's 64"),

@@ -45,9 +45,12 @@ def _assert_same_tree(a, b):
 @given(B=st.integers(1, 3), lengths=st.lists(st.integers(1, 20), min_size=3, max_size=3),
        shape=st.sampled_from([(10, 3, 3), (30, 3, 8), (16, 5, 2), (8, 6, 1), (5, 1, 4), (40, 2, 6)]),
        window=st.sampled_from([0, 3, 8]), n_anchor=st.integers(0, 3), layers=st.sampled_from([(4,), (1, 2, 4)]),
-       seed=st.integers(0, 2 ** 16))
-def test_tree_matches_python(B, lengths, shape, window, n_anchor, layers, seed):
+       vocab=st.sampled_from([0, 8, 20]), seed=st.integers(0, 2 ** 16))
+def test_tree_matches_python(B, lengths, shape, window, n_anchor, layers, vocab, seed):
+    """Also with a draft vocabulary of `vocab` random target ids (0: the whole vocabulary)."""
     draft = make_draft(window=window, n_anchor=n_anchor, layers=layers, seed=seed % 7)
+    if vocab:
+        draft.set_draft_vocab(torch.randperm(V, generator=torch.Generator().manual_seed(seed))[:vocab])
     lengths = lengths[:B]
     with torch.inference_mode():
         assert cpu_draft.available(draft)
@@ -56,6 +59,8 @@ def test_tree_matches_python(B, lengths, shape, window, n_anchor, layers, seed):
         expect = build_tree(draft, c_py, root, root_hidden, TreeShape(*shape))
         got = cpu_draft.prepare(draft, TreeShape(*shape)).build_tree(c_fast, root, root_hidden)
     _assert_same_tree(expect, got)
+    if vocab:
+        assert bool(torch.isin(got.tokens[:, 1:], draft.draft_vocab).all())
     assert c_fast.scratch_len == c_py.scratch_len
     assert torch.equal(c_fast.scratch_pos, c_py.scratch_pos)
     assert torch.equal(c_fast.lengths, c_py.lengths)
@@ -109,6 +114,11 @@ def test_declines_what_it_does_not_cover(monkeypatch):
         other = make_draft()
         other.frozen.lm_head = torch.nn.Linear(other.config.hidden_size, V, bias=False)
         assert cpu_draft.prepare(other, shape) is None
+        # a draft vocabulary smaller than the tree's top_k (the Python tree handles it)
+        small = make_draft()
+        small.set_draft_vocab(torch.tensor([1]))
+        assert cpu_draft.prepare(small, shape) is None
+        assert isinstance(cpu_draft.prepare(small, TreeShape(4, 2, 1)), cpu_draft.CompiledDraft)
 
 
 def test_runner_is_chosen_once_per_call():

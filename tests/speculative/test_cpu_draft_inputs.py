@@ -136,10 +136,10 @@ TREE_CASES = [
     ("root_hidden_short", lambda a: {**a, "root_hidden": a["root_hidden"][:1]}, r"root_hidden must have shape"),
     ("root_hidden_width", lambda a: {**a, "root_hidden": a["root_hidden"][:, :-1]}, r"root_hidden must have shape"),
     ("root_hidden_float64", lambda a: {**a, "root_hidden": a["root_hidden"].double()}, r"root_hidden must have dtype"),
-    ("counts_negative", lambda a: {**a, "counts": [-3] + a["counts"][1:]}, r"counts\[0\] must be in \[1, V="),
+    ("counts_negative", lambda a: {**a, "counts": [-3] + a["counts"][1:]}, r"counts\[0\] must be in \[1, "),
     ("counts_zero", lambda a: {**a, "counts": a["counts"][:2] + [0] + a["counts"][3:]}, r"counts\[2\] must be in"),
     ("counts_over_vocab", lambda a: {**a, "counts": [V + 1] + a["counts"][1:]},
-     rf"counts\[0\] must be in \[1, V={V}\]"),
+     rf"counts\[0\] must be in \[1, {V}\] \(the draft's vocabulary size\)"),
     ("counts_int64_max", lambda a: {**a, "counts": [I64_MAX] * len(a["counts"])}, r"counts\[0\] must be in"),
     ("widths_negative", lambda a: {**a, "widths": [1, -3] + a["widths"][2:]}, r"widths\[1\] must be >= 1"),
     ("widths_over_candidates", lambda a: {**a, "widths": [1, 4] + a["widths"][2:]},
@@ -154,6 +154,41 @@ TREE_CASES = [
     ("n_draft_over_pool", lambda a: {**a, "n_draft": 1 + sum(w * c for w, c in zip(a["widths"], a["counts"]))},
      r"n_draft must be in \[1, 30\]"),
     ("n_draft_int64_max", lambda a: {**a, "n_draft": I64_MAX}, r"n_draft must be in"),
+]
+
+# With a draft vocabulary (weights['vocab'], K sorted target ids; lm_head holds their K rows).
+VOCAB = torch.arange(1, V, 2)                       # 18 ids
+
+
+def with_vocab(a, vocab=VOCAB, rows=None):
+    """The kwargs with a draft vocabulary: weights['vocab'] = vocab, lm_head = `rows` (default:
+    the rows of VOCAB)."""
+    lm = a["weights"]["lm_head"]
+    return {**a, "weights": {**a["weights"], "vocab": vocab, "lm_head": lm[VOCAB].contiguous() if rows is None else rows}}
+
+
+VOCAB_CASES = [
+    ("vocab_unsorted", lambda a: with_vocab(a, VOCAB.flip(0).contiguous()), r"weights\['vocab'\] must be strictly increasing"),
+    ("vocab_repeat", lambda a: with_vocab(a, torch.cat([VOCAB[:1], VOCAB[:-1]])), r"strictly increasing, but entry 1"),
+    ("vocab_past_end", lambda a: with_vocab(a, torch.cat([VOCAB[:-1], torch.tensor([V])])),
+     rf"weights\['vocab'\]\[17\]={V} is outside \[0, V={V}\)"),
+    ("vocab_negative", lambda a: with_vocab(a, torch.cat([torch.tensor([-1]), VOCAB[1:]])), r"vocab'\]\[0\]=-1 is outside"),
+    ("vocab_int64_max", lambda a: with_vocab(a, torch.cat([VOCAB[:-1], torch.tensor([I64_MAX])])), r"is outside"),
+    ("vocab_int32", lambda a: with_vocab(a, VOCAB.int()), r"weights\['vocab'\] must have dtype int64"),
+    ("vocab_2d", lambda a: with_vocab(a, VOCAB[None]), r"weights\['vocab'\] must have shape \[K\]"),
+    ("vocab_strided", lambda a: with_vocab(a, torch.arange(0, 2 * V, 2)[::2][:18]), r"vocab'\] must be contiguous"),
+    ("vocab_empty", lambda a: with_vocab(a, VOCAB[:0], a["weights"]["lm_head"][:0]), r"must hold 1 to V=37 ids, got 0"),
+    ("vocab_longer_than_v", lambda a: with_vocab(a, torch.arange(V + 1), torch.zeros(V + 1, 32)),
+     r"must hold 1 to V=37 ids, got 38"),
+    ("vocab_full_head", lambda a: with_vocab(a, rows=a["weights"]["lm_head"]),
+     r"weights\['lm_head'\] must have shape \[K \(the vocab's size\), H\] = \[18, 32\]"),
+    ("vocab_extra_entry", lambda a: {**with_vocab(a), "weights": {**with_vocab(a)["weights"], "bias": VOCAB.float()}},
+     r"weights must hold exactly"),
+]
+
+TREE_VOCAB_CASES = [
+    ("vocab_counts_over_k", lambda a: {**with_vocab(a), "counts": [19] + a["counts"][1:]},
+     r"counts\[0\] must be in \[1, 18\] \(the draft's vocabulary size\)"),
 ]
 
 EXTEND_CASES = [
@@ -189,16 +224,25 @@ def test_baseline_arguments_are_valid(baseline):
     assert bool((hidden[1, 2:] == 0).all())
 
 
-@pytest.mark.parametrize("edit,pattern", [c[1:] for c in COMMON_CASES + TREE_CASES],
-                         ids=[c[0] for c in COMMON_CASES + TREE_CASES])
+TREE_ALL = COMMON_CASES + TREE_CASES + VOCAB_CASES + TREE_VOCAB_CASES
+EXTEND_ALL = COMMON_CASES + EXTEND_CASES + VOCAB_CASES
+
+
+@pytest.mark.parametrize("edit,pattern", [c[1:] for c in TREE_ALL], ids=[c[0] for c in TREE_ALL])
 def test_draft_tree_rejects(baseline, edit, pattern):
     _rejects("draft_tree", edit(baseline[2]), pattern)
 
 
-@pytest.mark.parametrize("edit,pattern", [c[1:] for c in COMMON_CASES + EXTEND_CASES],
-                         ids=[c[0] for c in COMMON_CASES + EXTEND_CASES])
+@pytest.mark.parametrize("edit,pattern", [c[1:] for c in EXTEND_ALL], ids=[c[0] for c in EXTEND_ALL])
 def test_draft_extend_rejects(baseline, edit, pattern):
     _rejects("draft_extend", edit(baseline[3]), pattern)
+
+
+def test_valid_vocab_drafts_only_its_ids(baseline):
+    """A valid draft vocabulary: every drafted token is one of its ids (the root is the caller's)."""
+    (tokens, *_), _ = _call("draft_tree", with_vocab(baseline[2]))
+    assert bool(torch.isin(tokens[:, 1:], VOCAB).all())
+    _call("draft_extend", with_vocab(baseline[3]))
 
 
 def test_rejected_calls_write_nothing(baseline):
@@ -289,8 +333,8 @@ def fuzz(seed: int, n_random: int) -> tuple[int, list[str]]:
     both ops, then `n_random` random_call cases; (cases run, what went wrong)."""
     import random
     base = _baseline()
-    calls = [("draft_tree", edit(base[2])) for _, edit, _ in COMMON_CASES + TREE_CASES]
-    calls += [("draft_extend", edit(base[3])) for _, edit, _ in COMMON_CASES + EXTEND_CASES]
+    calls = [("draft_tree", edit(base[2])) for _, edit, _ in TREE_ALL]
+    calls += [("draft_extend", edit(base[3])) for _, edit, _ in EXTEND_ALL]
     rng = random.Random(seed)
     n_corrupted = len(calls)
     calls += [random_call(rng, base) for _ in range(n_random)]

@@ -257,3 +257,38 @@ def test_run_target_sizes_the_cache_for_answers_longer_than_the_prompt():
     prompt = int(seqs.answer_start[0])
     assert prompt < len(answer) and int(seqs.lengths[0]) == prompt + len(answer)
     assert torch.equal(seqs.ids[0, prompt:prompt + len(answer)], torch.tensor(answer))
+
+
+def test_draft_vocab_from_answers_ranks_by_count_then_id():
+    from sparrow_kernels.training.distill_data import DistillGroup, DistillSample
+    groups = [DistillGroup(4, [DistillSample(4, [1], [9, 9, 9, 5, 5, 7, 2]), DistillSample(4, [1], [7, 5, 40])])]
+    # counts: 5 -> 3, 9 -> 3, 7 -> 2, 2 -> 1, 40 -> 1; ties by id; then unused ids from 0
+    assert train_draft.draft_vocab_from_answers(groups, 3, 50).tolist() == [5, 7, 9]
+    assert train_draft.draft_vocab_from_answers(groups, 5, 50).tolist() == [2, 5, 7, 9, 40]
+    assert train_draft.draft_vocab_from_answers(groups, 7, 50).tolist() == [0, 1, 2, 5, 7, 9, 40]
+    assert train_draft.draft_vocab_from_answers(groups, 3, 50, always=[49]).tolist() == [5, 9, 49]
+    assert train_draft.vocab_coverage(groups, torch.tensor([5, 9])) == 6 / 10
+    with pytest.raises(ValueError, match=r"--draft-vocab must be in \[1, vocab_size=50\], got 51"):
+        train_draft.draft_vocab_from_answers(groups, 51, 50)
+
+
+def test_training_with_a_draft_vocabulary_and_adding_one_to_a_finished_run(target_dir, tmp_path):
+    data = tmp_path / "data"
+    target = train_draft.load_any_target(str(target_dir))
+    with_vocab = run(cli(target_dir, tmp_path / "v", "--steps", "6", "--preset", "none", "--draft-vocab", "20",
+                         data=data))
+    assert all(x == x for x in with_vocab["losses"])
+    loaded = SparrowDraft.load(tmp_path / "v", target)
+    assert loaded.config.draft_vocab_size == 20 and set(target.eos_token_ids) <= set(loaded.draft_vocab.tolist())
+    info = loaded.training_info["draft_vocab"]
+    assert info["size"] == 20 and 0.5 < info["train_answer_coverage"] <= 1.0
+    # a finished run without one, resumed with --draft-vocab: no step trained, the same weights, a vocabulary
+    plain = run(cli(target_dir, tmp_path / "p", "--steps", "4", "--preset", "none", data=data))
+    added = run(cli(target_dir, tmp_path / "p", "--steps", "4", "--preset", "none", "--resume", "--draft-vocab", "20",
+                    data=data))
+    assert added["losses"] == []
+    after = SparrowDraft.load(tmp_path / "p", target)
+    assert after.training_info["final_loss"] == plain["draft"].training_info["final_loss"] is not None
+    assert torch.equal(after.draft_vocab, loaded.draft_vocab)       # chosen from the same answers
+    for name, p in plain["draft"].state_dict().items():
+        assert torch.equal(p, after.state_dict()[name]), name

@@ -5,6 +5,8 @@ model.py). Reads files only: it imports no vLLM and runs no model.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 from pathlib import Path
@@ -52,7 +54,9 @@ def export_vllm(draft_dir: str | os.PathLike, target_dir: str | os.PathLike, out
     """Write `out_dir` (config.json + model.safetensors) for vLLM; returns its path.
 
     The draft must have one feature layer (EAGLE-1 / Sparrow style) and must match the target's
-    hidden size and vocabulary; `visual_kv` drafts export as the visual-KV baseline.
+    hidden size and vocabulary; `visual_kv` drafts export as the visual-KV baseline. A draft
+    vocabulary (`draft_vocab_size` > 0) is not exported: vLLM's proposer shares the target's whole
+    LM head, so there the draft proposes over the whole vocabulary (still lossless).
     """
     draft_dir, target_dir, out = Path(draft_dir), Path(target_dir), Path(out_dir)
     payload = _read_json(draft_dir / CONFIG_NAME, "a Sparrow draft directory written by train-draft")
@@ -96,6 +100,8 @@ def export_vllm(draft_dir: str | os.PathLike, target_dir: str | os.PathLike, out
     if tuple(norm.shape) != (cfg.hidden_size,):
         raise ValueError(f"export-vllm: the target's final norm has shape {list(norm.shape)}, "
                          f"expected [{cfg.hidden_size}]")
+    state.pop("draft_vocab", None)                   # see the docstring: vLLM drafts over the whole vocabulary
+    cfg = dataclasses.replace(cfg, draft_vocab_size=0)
     tensors = {f"draft.{name}": t.contiguous() for name, t in state.items()}
     tensors["norm"] = norm.to(next(iter(state.values())).dtype).contiguous()
 
