@@ -16,16 +16,21 @@ from sparrow_kernels.speculative.draft import DraftConfig, SparrowDraft, committ
 H, V, LAYERS = 64, 97, 3
 
 
-def write_target(path, model_type="qwen2_5_vl", norm_name="model.language_model.norm.weight"):
-    """The parts of a Qwen2.5-VL checkpoint export reads: config.json and the final norm."""
+def write_target(path, model_type="qwen2_5_vl", norm_name="model.language_model.norm.weight", tied=True, head=True):
+    """The parts of a Qwen2.5-VL checkpoint export reads: config.json, the final norm and the LM
+    head (the embedding when `tied`)."""
     path.mkdir(parents=True)
     config = {"model_type": model_type, "image_token_id": 90, "video_token_id": 91, "vision_end_token_id": 89,
               "vision_start_token_id": 88,
               "text_config": {"hidden_size": H, "vocab_size": V, "num_hidden_layers": LAYERS, "rms_norm_eps": 1e-5,
-                              "max_position_embeddings": 2048}}
+                              "max_position_embeddings": 2048, "tie_word_embeddings": tied}}
     (path / "config.json").write_text(json.dumps(config))
-    save_file({norm_name: torch.arange(H, dtype=torch.float32), "model.language_model.layers.0.x": torch.zeros(2)},
-              str(path / "model.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    tensors = {norm_name: torch.arange(H, dtype=torch.float32), "model.language_model.layers.0.x": torch.zeros(2),
+               "model.language_model.embed_tokens.weight": torch.randn(V, H, generator=g)}
+    if head and not tied:
+        tensors["lm_head.weight"] = torch.randn(V, H, generator=g)
+    save_file(tensors, str(path / "model.safetensors"))
     return path
 
 
@@ -58,19 +63,34 @@ def test_export_writes_an_eagle3_draft_vllm_can_name(tmp_path):
     assert torch.equal(weights["norm"], torch.arange(H, dtype=torch.float32))
 
 
-def test_export_of_a_draft_with_a_vocabulary_drafts_over_the_whole_vocabulary(tmp_path):
-    """vLLM's proposer shares the target's LM head: the exported draft has no draft_vocab entry
-    and its config says draft_vocab_size 0; every other weight is exported as is."""
-    target = write_target(tmp_path / "target")
+@pytest.mark.parametrize("tied", [True, False])
+def test_export_of_a_draft_with_a_vocabulary_carries_its_head_rows(tmp_path, tied):
+    """A draft vocabulary is exported as `vocab` and `vocab_head` (the target's LM-head rows of those
+    ids: its embedding when tied) with the count in the sparrow section; the draft's own config
+    keeps draft_vocab_size 0 (the vLLM model class holds the vocabulary)."""
+    target = write_target(tmp_path / "target", tied=tied)
+    head = load_file(str(target / "model.safetensors"))[
+        "model.language_model.embed_tokens.weight" if tied else "lm_head.weight"]
     draft = write_draft(tmp_path / "plain")
-    draft.set_draft_vocab(torch.arange(0, V, 3))
+    ids = torch.arange(0, V, 3)
+    draft.set_draft_vocab(ids)
     draft.save(tmp_path / "draft")
     out = export_vllm(tmp_path / "draft", target, tmp_path / "out")
     section = json.loads((out / "config.json").read_text())["sparrow"]
-    assert section["draft"]["draft_vocab_size"] == 0
+    assert section["draft"]["draft_vocab_size"] == 0 and section["draft_vocab_size"] == len(ids)
     weights = load_file(str(out / "model.safetensors"))
-    assert set(weights) == {f"draft.{k}" for k in draft.state_dict() if k != "draft_vocab"} | {"norm"}
-    assert weights["norm"].dtype == torch.float32
+    assert set(weights) == {f"draft.{k}" for k in draft.state_dict() if k != "draft_vocab"} | \
+        {"norm", "vocab", "vocab_head"}
+    assert torch.equal(weights["vocab"], ids) and torch.equal(weights["vocab_head"], head[ids])
+
+
+def test_export_of_a_vocabulary_needs_the_targets_head(tmp_path):
+    target = write_target(tmp_path / "target", tied=False, head=False)
+    draft = write_draft(tmp_path / "plain")
+    draft.set_draft_vocab(torch.arange(10))
+    draft.save(tmp_path / "draft")
+    with pytest.raises(ValueError, match=r"has none of \['lm_head.weight'.*\(the LM head"):
+        export_vllm(tmp_path / "draft", target, tmp_path / "out")
 
 
 @pytest.mark.parametrize("case,match", [

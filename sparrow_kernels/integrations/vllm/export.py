@@ -20,8 +20,12 @@ from sparrow_kernels.integrations.vllm.plugin import ARCHITECTURE, CONFIG_KEY
 from sparrow_kernels.speculative.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, SparrowDraft
 
 METHOD = "eagle3"
-# where Qwen2.5-VL checkpoints keep the language model's final norm (transformers 5, then 4.x)
+# where Qwen2.5-VL checkpoints keep the language model's final norm, LM head and (tied head) embedding
+# (transformers 5, then 4.x)
 FINAL_NORM_NAMES = ("model.language_model.norm.weight", "model.norm.weight", "language_model.model.norm.weight")
+LM_HEAD_NAMES = ("lm_head.weight", "language_model.lm_head.weight")
+EMBED_NAMES = ("model.language_model.embed_tokens.weight", "model.embed_tokens.weight",
+               "language_model.model.embed_tokens.weight")
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -36,18 +40,32 @@ def _read_json(path: Path, what: str) -> dict:
     return payload
 
 
-def _target_final_norm(target_dir: Path) -> torch.Tensor:
-    """The target's final RMSNorm weight, from its (possibly sharded) safetensors."""
+def _target_tensor(target_dir: Path, names: tuple[str, ...], what: str) -> torch.Tensor:
+    """The first of `names` found in the target's (possibly sharded) safetensors."""
     files = sorted(target_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"export-vllm: no *.safetensors in the target directory {target_dir}")
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for name in FINAL_NORM_NAMES:
+            for name in names:
                 if name in f.keys():
                     return f.get_tensor(name)
-    raise ValueError(f"export-vllm: the target checkpoint in {target_dir} has none of {list(FINAL_NORM_NAMES)} "
-                     "(is it a Qwen2.5-VL checkpoint?)")
+    raise ValueError(f"export-vllm: the target checkpoint in {target_dir} has none of {list(names)} ({what}; "
+                     "is it a Qwen2.5-VL checkpoint?)")
+
+
+def _target_final_norm(target_dir: Path) -> torch.Tensor:
+    """The target's final RMSNorm weight."""
+    return _target_tensor(target_dir, FINAL_NORM_NAMES, "the final norm")
+
+
+def _target_lm_head(target_dir: Path, target: dict) -> torch.Tensor:
+    """The target's LM head `[V, H]`: its embedding when the checkpoint ties them."""
+    text = target.get("text_config") or {}
+    tied = text.get("tie_word_embeddings", target.get("tie_word_embeddings", False))
+    if tied:
+        return _target_tensor(target_dir, EMBED_NAMES, "the tied embedding / LM head")
+    return _target_tensor(target_dir, LM_HEAD_NAMES, "the LM head")
 
 
 def export_vllm(draft_dir: str | os.PathLike, target_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -55,8 +73,8 @@ def export_vllm(draft_dir: str | os.PathLike, target_dir: str | os.PathLike, out
 
     The draft must have one feature layer (EAGLE-1 / Sparrow style) and must match the target's
     hidden size and vocabulary; `visual_kv` drafts export as the visual-KV baseline. A draft
-    vocabulary (`draft_vocab_size` > 0) is not exported: vLLM's proposer shares the target's whole
-    LM head, so there the draft proposes over the whole vocabulary (still lossless).
+    vocabulary (`draft_vocab_size` K > 0) is exported as `vocab [K]` and `vocab_head [K, H]` (the
+    target's LM-head rows of those ids), so that in vLLM too the draft multiplies K rows, not V.
     """
     draft_dir, target_dir, out = Path(draft_dir), Path(target_dir), Path(out_dir)
     payload = _read_json(draft_dir / CONFIG_NAME, "a Sparrow draft directory written by train-draft")
@@ -100,10 +118,18 @@ def export_vllm(draft_dir: str | os.PathLike, target_dir: str | os.PathLike, out
     if tuple(norm.shape) != (cfg.hidden_size,):
         raise ValueError(f"export-vllm: the target's final norm has shape {list(norm.shape)}, "
                          f"expected [{cfg.hidden_size}]")
-    state.pop("draft_vocab", None)                   # see the docstring: vLLM drafts over the whole vocabulary
+    vocab = state.pop("draft_vocab", None)          # the model class holds the vocabulary (model.py)
     cfg = dataclasses.replace(cfg, draft_vocab_size=0)
+    dtype = state["fc.weight"].dtype
     tensors = {f"draft.{name}": t.contiguous() for name, t in state.items()}
-    tensors["norm"] = norm.to(next(iter(state.values())).dtype).contiguous()
+    tensors["norm"] = norm.to(dtype).contiguous()
+    if vocab is not None:
+        head = _target_lm_head(target_dir, target)
+        if tuple(head.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise ValueError(f"export-vllm: the target's LM head has shape {list(head.shape)}, expected "
+                             f"[{cfg.vocab_size}, {cfg.hidden_size}]")
+        tensors["vocab"] = vocab.to(torch.int64).contiguous()
+        tensors["vocab_head"] = head[vocab].to(dtype).contiguous()
 
     config = {
         "architectures": [ARCHITECTURE],
@@ -119,7 +145,7 @@ def export_vllm(draft_dir: str | os.PathLike, target_dir: str | os.PathLike, out
         "rope_theta": cfg.rope_theta,
         "max_position_embeddings": int(text.get("max_position_embeddings", 32768)),
         "tie_word_embeddings": False,
-        "torch_dtype": str(tensors["norm"].dtype).replace("torch.", ""),
+        "torch_dtype": str(dtype).replace("torch.", ""),
         "eagle_aux_hidden_state_layer_ids": [layer],
         CONFIG_KEY: {
             "draft": cfg.to_dict(),
@@ -127,6 +153,7 @@ def export_vllm(draft_dir: str | os.PathLike, target_dir: str | os.PathLike, out
             "text_after_visual_token_id": int(target["vision_end_token_id"]),
             "run_start_token_id": int(target["vision_start_token_id"]),
             "target_rms_norm_eps": float(text.get("rms_norm_eps", 1e-6)),
+            "draft_vocab_size": 0 if vocab is None else int(vocab.numel()),
             "training": payload.get("training", {}),
         },
     }

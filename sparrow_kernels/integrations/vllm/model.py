@@ -87,6 +87,12 @@ class SparrowDraftEagle3(Eagle3LlamaForCausalLM):
         self.config.draft_vocab_size = cfg.vocab_size
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
         self.logits_processor = LogitsProcessor(cfg.vocab_size)
+        # a draft vocabulary (EAGLE-3's draft-to-target map): its K ids and the target's LM-head rows of them
+        meta = getattr(self.config, CONFIG_KEY, None)
+        k = int(meta.get("draft_vocab_size", 0)) if isinstance(meta, dict) else 0
+        self.vocab: torch.Tensor | None
+        self.vocab_head = nn.Parameter(torch.empty(k, cfg.hidden_size), requires_grad=False) if k else None
+        self.register_buffer("vocab", torch.zeros(k, dtype=torch.int64) if k else None)
         self.draft_id_to_target_id = None
         self.has_own_embed_tokens = False     # the proposer shares the target's embedding ...
         self.has_own_lm_head = False          # ... and LM head
@@ -134,12 +140,21 @@ class SparrowDraftEagle3(Eagle3LlamaForCausalLM):
         return (normed * body.norm.float()).to(out.dtype), out
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        """Logits over the target's vocabulary; with a draft vocabulary only its K rows are
+        multiplied and every other id gets -inf (the proposer's argmax stays inside it)."""
+        if self.vocab_head is None:
+            return self.logits_processor(self.lm_head, hidden_states)
+        small = nn.functional.linear(hidden_states.to(self.vocab_head.dtype), self.vocab_head)   # [n, K]
+        logits = small.new_full((small.shape[0], self.model.draft_config.vocab_size), float("-inf"))
+        logits[:, self.vocab] = small
+        return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Exported names: `draft.<SparrowDraft state_dict name>` and `norm` (the target's final norm)."""
         params = {f"draft.{name}": p for name, p in self.model.draft.named_parameters()}
         params["norm"] = self.model.norm
+        if self.vocab_head is not None:
+            params["vocab_head"], params["vocab"] = self.vocab_head, self.vocab
         missing = set(params)
         for name, tensor in weights:
             if name not in params:
