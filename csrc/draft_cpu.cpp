@@ -354,7 +354,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_tensor(op, "lengths", lengths, {{"B", B}}, {at::kLong}, kCpu);
   check_tensor(op, "root_hidden", root_hidden, {{"B", B}, {"H", H}}, {at::kFloat}, kCpu);
   // levels: widths[0] = 1 (the root); level l expands widths[l] <= widths[l-1] * counts[l-1] of
-  // the previous level's candidates (all exist); counts[l] <= V children each (top-k of V)
+  // the previous level's candidates (all exist); counts[l] <= K children each (top-k of the K
+  // ids the draft proposes: V, or the draft vocabulary's size)
   TORCH_CHECK(widths.size() == counts.size() && !widths.empty() && widths[0] == 1, op,
               ": widths and counts must have the same length >= 1 with widths[0] == 1, got widths ",
               format_sizes(widths), ", counts ", format_sizes(counts));

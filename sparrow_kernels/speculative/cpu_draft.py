@@ -5,8 +5,8 @@ rounding (tests/speculative/test_cpu_draft.py), so it is an engine detail, never
 
 `prepare` decides once per generate call whether it applies (a SparrowDraft on the CPU in fp32
 with a tabulable vocabulary and an LM head of `Sequential(RMSNorm, Linear)`, gradients off, the
-ops built, `SPARROW_CPU_DRAFT` not 0) and marshals the weights by name; runner.draft_runner
-calls it. It reads only SparrowDraft's public inference API and tree.TreeShape.
+ops built, `SPARROW_CPU_DRAFT` not 0) and marshals the weights by name (with a draft vocabulary:
+its ids and their LM-head rows); runner.draft_runner calls it. It reads only SparrowDraft's public inference API and tree.TreeShape.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .draft import DraftCache, SparrowDraft
-from .tree import DraftTree, TreeShape, build_tree
+from .tree import DraftTree, TreeShape, build_tree, proposal_vocab_size
 
 MAX_EXTEND_ENTRIES = 64      # longer extends (prompt passes) are better served by SDPA
 
@@ -76,7 +76,7 @@ def _weights(draft: SparrowDraft) -> tuple[dict[str, Tensor], dict[str, float]] 
         return None
     weights = {name: w.contiguous() for name, w in weights.items()}
     if vocab is not None:
-        weights["vocab"] = vocab.to("cpu", torch.int64).contiguous()
+        weights["vocab"] = vocab.to("cpu", torch.int64).clone()       # a snapshot, like the rows
     eps = {"eps_feature": draft.feature_norm.eps, "eps_input": draft.input_norm.eps,
            "eps_post": draft.post_attn_norm.eps, "eps_final": final_eps}
     if any(e is None for e in eps.values()):
@@ -104,9 +104,10 @@ class CompiledDraft:
         self.draft, self.shape, self.weights, self.eps = draft, shape, weights, eps
         self.layer_args = dict(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                                rope_theta=float(cfg.rope_theta), window=int(cfg.window), n_anchor=int(cfg.n_anchor))
-        levels = shape.level_shapes(cfg.vocab_size)
+        proposals = proposal_vocab_size(draft, cfg.vocab_size)           # K with a draft vocabulary
+        levels = shape.level_shapes(proposals)
         self.widths, self.counts = [w for w, _ in levels], [c for _, c in levels]
-        self.n_draft = shape.drafted_nodes(cfg.vocab_size)
+        self.n_draft = shape.drafted_nodes(proposals)
         level = [lvl for lvl, (w, _) in enumerate(levels) if lvl > 0 for _ in range(w)]
         self.scratch_depth = torch.tensor(level, dtype=torch.int64) - 1          # [M] depth - 1 per scratch node
 
@@ -183,8 +184,6 @@ def prepare(draft, shape: TreeShape) -> CompiledDraft | None:
     does not apply (CUDA, non-fp32, gradients on, an unsupported LM head or vocabulary, an
     object other than SparrowDraft, SPARROW_CPU_DRAFT=0)."""
     if not _supported(draft):
-        return None
-    if 0 < draft.config.draft_vocab_size < shape.top_k:      # the Python tree handles this corner
         return None
     prepared = _weights(draft)
     return None if prepared is None else CompiledDraft(draft, shape, *prepared)

@@ -192,7 +192,8 @@ def _rms_norm(x: Tensor, norm: nn.RMSNorm) -> Tensor:
 class SparrowDraft(nn.Module):
     """`fc(concat(norm(embed(token_{t+1})), norm(fuse(feature_t))))` -> one decoder layer
     (RMSNorm, GQA attention with RoPE over the draft's slot positions via window_attn,
-    SwiGLU MLP) -> hidden `[.., H]`; `logits()` applies the target's final norm + LM head."""
+    SwiGLU MLP) -> hidden `[.., H]`; `logits()` applies the target's final norm + LM head (-inf
+    outside the draft vocabulary when it has one)."""
 
     def __init__(self, config: DraftConfig, embed_tokens: nn.Module, lm_head: nn.Module):
         super().__init__()
@@ -241,7 +242,8 @@ class SparrowDraft(nn.Module):
         if torch.is_grad_enabled():
             return None
         # inference tensors (a draft built under inference_mode) keep no version counter
-        stamp = tuple((p.data_ptr(), -1 if p.is_inference() else p._version, p.dtype) for p in params)
+        stamp = tuple((p.data_ptr(), -1 if p.is_inference() else p._version, p.dtype, tuple(p.shape))
+                      for p in params)
         hit = self._fused_weights.get(name)
         if hit is None or hit[0] != stamp:
             with torch.no_grad():
@@ -403,6 +405,7 @@ class SparrowDraft(nn.Module):
     def set_draft_vocab(self, ids: Tensor | None) -> None:
         """Give the draft a vocabulary: `ids` = distinct target ids (any order; stored sorted),
         or None for the whole vocabulary. Updates `config.draft_vocab_size`."""
+        self._fused_weights.pop("vocab_rows", None)      # never reuse rows of another vocabulary
         if ids is None:
             self.draft_vocab = None
             self.config.draft_vocab_size = 0

@@ -20,6 +20,8 @@ class DraftSettings(Protocol):
     feature_layers: Sequence[int]         # target layers whose hidden states feed the draft
     visual_kv: bool                       # True: visual prompt positions enter the draft cache too
     visual_feature_layer: int | None      # target layer feeding the visual entries (with visual_kv)
+    # optional: draft_vocab_size (int, 0 = whole vocabulary): how many ids logits() leaves finite;
+    # top-k trees then give a node at most that many children (tree.proposal_vocab_size)
 
 
 @runtime_checkable

@@ -16,7 +16,7 @@ from sparrow_kernels import ops
 from sparrow_kernels.speculative.draft_base import Draft, DraftRunner
 from sparrow_kernels.speculative.draft_inputs import kept_mask, kept_positions, open_entries
 from sparrow_kernels.speculative.runner import draft_runner
-from sparrow_kernels.speculative.tree import GPU_TREE, DraftTree, TreeShape
+from sparrow_kernels.speculative.tree import GPU_TREE, DraftTree, TreeShape, proposal_vocab_size
 from sparrow_kernels.targets.base import PrefillOutput, Target, VideoPrompt
 from sparrow_kernels.targets.decoding import (DEFAULT_MAX_CONTEXT, GenerationRequest, GenerationResult, GenerationStats,
                                               Session, StreamChunk, autoregressive_generate, check_room,
@@ -105,7 +105,7 @@ class SparrowGenerator:
 
     def tree_nodes(self, sampled: bool = False) -> tuple[int, int]:
         """(nodes per verified tree, draft scratch nodes) with these settings."""
-        return self.tree.size(self.target.vocab_size, sampled)
+        return self.tree.size(proposal_vocab_size(self.draft, self.target.vocab_size), sampled)
 
     # -- the loop -------------------------------------------------------------------------
     def _session(self, request: GenerationRequest) -> Session:

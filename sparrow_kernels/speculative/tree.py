@@ -142,6 +142,14 @@ class TreeShape:
         return 1 + self.drafted_nodes(vocab_size, sampled), sum(w for w, _ in shapes[1:])
 
 
+def proposal_vocab_size(draft, vocab_size: int) -> int:
+    """How many ids `draft` can propose: the size of its draft vocabulary (`config.draft_vocab_size`
+    > 0, EAGLE-3's draft-to-target map), else `vocab_size`. Top-k trees give a node at most this
+    many children, so every drafted token lies inside the vocabulary."""
+    k = getattr(getattr(draft, "config", None), "draft_vocab_size", 0)
+    return min(vocab_size, int(k)) if isinstance(k, int) and k > 0 else vocab_size
+
+
 # Presets. GPU: EAGLE-2's / the paper's official tree. CPU: the best shape of
 # benchmarks/tree_sweep.py for the built-in tiny video LM on a 2-core CPU (benchmarks/RESULTS.md).
 GPU_TREE = TreeShape(total_tokens=30, depth=3, top_k=8)
@@ -195,7 +203,7 @@ def build_tree(draft, cache, root_tokens: Tensor, root_hidden: Tensor, shape: Tr
 
     root_logits = draft.logits(root_hidden)[:, None, :]                                   # [B, 1, V]
     V = root_logits.shape[-1]
-    shapes = shape.level_shapes(V, sampled=sampler is not None)
+    shapes = shape.level_shapes(proposal_vocab_size(draft, V), sampled=sampler is not None)
 
     children, logp, probs = _choose_children(root_logits, shapes[0][1], sampler, generator)
     pool_tokens = [children.reshape(B, -1)]                                               # per level [B, size]
@@ -273,4 +281,4 @@ def _assemble(root_tokens: Tensor, pool_tokens: Tensor, pool_scores: Tensor, poo
                      next_sibling=next_sibling, scores=scores, draft_probs=draft_probs)
 
 
-__all__ = ["CPU_TREE", "DraftTree", "GPU_TREE", "TreeShape", "build_tree", "tree_layout"]
+__all__ = ["CPU_TREE", "DraftTree", "GPU_TREE", "TreeShape", "build_tree", "proposal_vocab_size", "tree_layout"]

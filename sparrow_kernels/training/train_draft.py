@@ -196,15 +196,19 @@ def draft_vocab_from_answers(groups: list[DistillGroup], size: int, vocab_size: 
     return torch.tensor(sorted(chosen), dtype=torch.int64)
 
 
-def vocab_coverage(groups: list[DistillGroup], vocab: Tensor) -> float:
-    """Fraction of the answer tokens in `groups` that lie in `vocab`."""
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 5)
+
+
+def vocab_coverage(groups: list[DistillGroup], vocab: Tensor) -> float | None:
+    """Fraction of the answer tokens in `groups` that lie in `vocab` (None without tokens)."""
     inside = total = 0
     allowed = set(vocab.tolist())
     for group in groups:
         for sample in group.samples:
             inside += sum(1 for t in sample.answer_ids if t in allowed)
             total += len(sample.answer_ids)
-    return inside / total if total else float("nan")
+    return inside / total if total else None
 
 
 def load_any_target(spec: str | None, device: str = "cpu"):
@@ -279,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-kv-heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--intermediate-size", type=int, default=None)
-    p.add_argument("--draft-vocab", type=int, default=0, metavar="K",
-                   help="draft vocabulary (EAGLE-3): propose only the K target ids the target's answers use most "
-                        "(0: the whole vocabulary). With --resume on a finished run it is added to the trained draft")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="K",
+                   help="draft vocabulary (EAGLE-3): propose only the K target ids the target's answers use most; "
+                        "0: the whole vocabulary; unset: the whole vocabulary, or a resumed draft's own. With "
+                        "--resume on a finished run it is added to (or, with 0, removed from) the trained draft")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=8, help="videos per step (one frame count per step)")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -473,7 +478,9 @@ def train(args: argparse.Namespace) -> dict:
         torch.set_rng_state(state["rng"])
     elif log_path.exists():
         log_path.unlink()
-    if args.draft_vocab and draft.config.draft_vocab_size != args.draft_vocab:
+    if args.draft_vocab == 0:
+        draft.set_draft_vocab(None)
+    elif args.draft_vocab is not None and draft.config.draft_vocab_size != args.draft_vocab:
         draft.set_draft_vocab(draft_vocab_from_answers(train_groups, args.draft_vocab, target.vocab_size,
                                                        always=target.eos_token_ids))
     draft.training_info = {
@@ -554,9 +561,9 @@ def train(args: argparse.Namespace) -> dict:
     if draft.draft_vocab is not None:
         draft.training_info["draft_vocab"] = {
             "size": draft.config.draft_vocab_size,
-            "train_answer_coverage": round(vocab_coverage(train_groups, draft.draft_vocab), 5),
-            "heldout_answer_coverage": round(vocab_coverage([g for gs in eval_groups.values() for g in gs],
-                                                            draft.draft_vocab), 5)}
+            "train_answer_coverage": _rounded(vocab_coverage(train_groups, draft.draft_vocab)),
+            "heldout_answer_coverage": _rounded(vocab_coverage([g for gs in eval_groups.values() for g in gs],
+                                                               draft.draft_vocab))}
     draft.training_info["final_loss"] = round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4) if losses else \
         previous_info.get("final_loss")
     draft.save(out)

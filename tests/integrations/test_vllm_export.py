@@ -84,6 +84,18 @@ def test_export_of_a_draft_with_a_vocabulary_carries_its_head_rows(tmp_path, tie
     assert torch.equal(weights["vocab"], ids) and torch.equal(weights["vocab_head"], head[ids])
 
 
+def test_export_refuses_a_tampered_vocabulary(tmp_path):
+    target = write_target(tmp_path / "target")
+    draft = write_draft(tmp_path / "plain")
+    draft.set_draft_vocab(torch.arange(0, 20))
+    draft.save(tmp_path / "draft")
+    weights = load_file(str(tmp_path / "draft" / "model.safetensors"))
+    save_file({**weights, "draft_vocab": weights["draft_vocab"].flip(0).contiguous()},
+              str(tmp_path / "draft" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"draft_vocab in .*model.safetensors must be strictly increasing"):
+        export_vllm(tmp_path / "draft", target, tmp_path / "out")
+
+
 def test_export_of_a_vocabulary_needs_the_targets_head(tmp_path):
     target = write_target(tmp_path / "target", tied=False, head=False)
     draft = write_draft(tmp_path / "plain")

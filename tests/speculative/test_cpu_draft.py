@@ -114,11 +114,6 @@ def test_declines_what_it_does_not_cover(monkeypatch):
         other = make_draft()
         other.frozen.lm_head = torch.nn.Linear(other.config.hidden_size, V, bias=False)
         assert cpu_draft.prepare(other, shape) is None
-        # a draft vocabulary smaller than the tree's top_k (the Python tree handles it)
-        small = make_draft()
-        small.set_draft_vocab(torch.tensor([1]))
-        assert cpu_draft.prepare(small, shape) is None
-        assert isinstance(cpu_draft.prepare(small, TreeShape(4, 2, 1)), cpu_draft.CompiledDraft)
 
 
 def test_runner_is_chosen_once_per_call():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sparrow_kernels.speculative import cpu_draft
 from sparrow_kernels.speculative.draft import DraftConfig, SparrowDraft, committed_draft_dir
 from sparrow_kernels.speculative.engine import SparrowGenerator, autoregressive_generate
 from sparrow_kernels.speculative.tree import TreeShape, build_tree
@@ -114,6 +115,9 @@ def test_greedy_output_is_the_targets_with_a_vocab_draft(fast_draft):
     prompts = vlm_prompts(target, 3, seed=5)
     draft = random_draft(target, seed=1)
     draft.set_draft_vocab(torch.arange(0, 64, 2))
+    if fast_draft:                    # the compiled CPU phase must be the path under test
+        with torch.inference_mode():
+            assert cpu_draft.available(draft)
     spec = SparrowGenerator(target, draft, TreeShape(12, 5, 2), fast_draft=fast_draft).generate(prompts, 16,
                                                                                                  capacity=256)
     plain = autoregressive_generate(target, prompts, 16, capacity=256)
@@ -134,3 +138,38 @@ def test_committed_tiny_draft_with_a_vocabulary_accepts_and_stays_lossless():
     spec = SparrowGenerator(target, draft, TreeShape(12, 5, 2)).generate(prompts, 24)
     assert spec.tokens == plain.tokens
     assert spec.stats.tau > 2.0
+
+
+def test_a_vocabulary_smaller_than_top_k_gives_fewer_children_on_both_paths():
+    """K = 1 < top_k = 2: every node gets the one id (a chain), through the Python tree and the
+    compiled CPU phase alike."""
+    draft = make_draft(seed=4)
+    draft.set_draft_vocab(torch.tensor([5]))
+    shape = TreeShape(6, 3, 2)
+    caches = [draft.new_cache(1, 40) for _ in range(2)]
+    tokens, features = rand_inputs(1, 4, draft.config.feature_size, seed=6)
+    with torch.inference_mode():
+        hidden = [draft.extend(c, tokens, features, torch.tensor([4])) for c in caches][0][:, -1]
+        expect = build_tree(draft, caches[0], torch.tensor([2]), hidden, shape)
+        fast = cpu_draft.prepare(draft, shape)
+        assert fast is not None
+        got = fast.build_tree(caches[1], torch.tensor([2]), hidden)
+    assert expect.tokens.tolist() == got.tokens.tolist() == [[2, 5, 5, 5, 5]]
+    assert expect.parents.tolist() == got.parents.tolist() == [[-1, 0, 1, 2, 3]]
+
+
+def test_cached_rows_follow_the_vocabulary():
+    """Vocabulary A, then none, then C of the same size: the draft's logits are C's rows (the
+    cached LM-head rows of A are never reused)."""
+    draft = make_draft(seed=6)
+    hidden = torch.randn(3, draft.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        draft.set_draft_vocab(torch.arange(0, 10))
+        draft.logits(hidden)
+        draft.set_draft_vocab(None)
+        draft.logits(hidden)
+        draft.set_draft_vocab(torch.arange(20, 30))
+        got = draft.logits(hidden)
+        full = draft.head_logits(hidden)
+    torch.testing.assert_close(got[:, 20:30], full[:, 20:30])
+    assert bool(torch.isneginf(got[:, :20]).all())

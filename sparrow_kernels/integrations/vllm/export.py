@@ -60,12 +60,16 @@ def _target_final_norm(target_dir: Path) -> torch.Tensor:
 
 
 def _target_lm_head(target_dir: Path, target: dict) -> torch.Tensor:
-    """The target's LM head `[V, H]`: its embedding when the checkpoint ties them."""
+    """The target's LM head `[V, H]`: `lm_head.weight` when the checkpoint has one, else (a tied
+    head, config `tie_word_embeddings`) its embedding."""
     text = target.get("text_config") or {}
     tied = text.get("tie_word_embeddings", target.get("tie_word_embeddings", False))
-    if tied:
-        return _target_tensor(target_dir, EMBED_NAMES, "the tied embedding / LM head")
-    return _target_tensor(target_dir, LM_HEAD_NAMES, "the LM head")
+    try:
+        return _target_tensor(target_dir, LM_HEAD_NAMES, "the LM head")
+    except ValueError:
+        if not tied:
+            raise
+    return _target_tensor(target_dir, EMBED_NAMES, "the tied embedding / LM head")
 
 
 def export_vllm(draft_dir: str | os.PathLike, target_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -119,6 +123,8 @@ def export_vllm(draft_dir: str | os.PathLike, target_dir: str | os.PathLike, out
         raise ValueError(f"export-vllm: the target's final norm has shape {list(norm.shape)}, "
                          f"expected [{cfg.hidden_size}]")
     vocab = state.pop("draft_vocab", None)          # the model class holds the vocabulary (model.py)
+    if vocab is not None:
+        draft._check_vocab(vocab, f"draft_vocab in {weights_path}")
     cfg = dataclasses.replace(cfg, draft_vocab_size=0)
     dtype = state["fc.weight"].dtype
     tensors = {f"draft.{name}": t.contiguous() for name, t in state.items()}

@@ -90,6 +90,8 @@ class SparrowDraftEagle3(Eagle3LlamaForCausalLM):
         # a draft vocabulary (EAGLE-3's draft-to-target map): its K ids and the target's LM-head rows of them
         meta = getattr(self.config, CONFIG_KEY, None)
         k = int(meta.get("draft_vocab_size", 0)) if isinstance(meta, dict) else 0
+        if not 0 <= k <= cfg.vocab_size:
+            raise ValueError(f"{ARCHITECTURE}: draft_vocab_size must be in [0, vocab_size={cfg.vocab_size}], got {k}")
         self.vocab: torch.Tensor | None
         self.vocab_head = nn.Parameter(torch.empty(k, cfg.hidden_size), requires_grad=False) if k else None
         self.register_buffer("vocab", torch.zeros(k, dtype=torch.int64) if k else None)
@@ -150,7 +152,9 @@ class SparrowDraftEagle3(Eagle3LlamaForCausalLM):
         return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Exported names: `draft.<SparrowDraft state_dict name>` and `norm` (the target's final norm)."""
+        """Exported names: `draft.<SparrowDraft state_dict name>`, `norm` (the target's final norm)
+        and, with a draft vocabulary, `vocab` (its K sorted target ids) and `vocab_head` (their
+        LM-head rows)."""
         params = {f"draft.{name}": p for name, p in self.model.draft.named_parameters()}
         params["norm"] = self.model.norm
         if self.vocab_head is not None:
@@ -162,6 +166,13 @@ class SparrowDraftEagle3(Eagle3LlamaForCausalLM):
             if tuple(tensor.shape) != tuple(params[name].shape):
                 raise ValueError(f"{ARCHITECTURE}: weight {name} has shape {list(tensor.shape)}, "
                                  f"the config asks for {list(params[name].shape)}")
+            if name == "vocab":
+                ids = tensor.to("cpu", torch.int64)
+                V = self.model.draft_config.vocab_size
+                if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V or
+                                    (ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()))):
+                    raise ValueError(f"{ARCHITECTURE}: weight vocab must hold strictly increasing target ids in "
+                                     f"[0, vocab_size={V})")
             with torch.no_grad():
                 params[name].copy_(tensor)
             missing.discard(name)
