@@ -6,7 +6,8 @@ rounding (tests/speculative/test_cpu_draft.py), so it is an engine detail, never
 `prepare` decides once per generate call whether it applies (a SparrowDraft on the CPU in fp32
 with a tabulable vocabulary and an LM head of `Sequential(RMSNorm, Linear)`, gradients off, the
 ops built, `SPARROW_CPU_DRAFT` not 0) and marshals the weights by name (with a draft vocabulary:
-its ids and their LM-head rows); runner.draft_runner calls it. It reads only SparrowDraft's public inference API and tree.TreeShape.
+its ids and their LM-head rows); runner.draft_runner calls it. It reads only SparrowDraft's public
+inference API, tree.TreeShape and tree.proposal_vocab_size.
 """
 from __future__ import annotations
 

@@ -116,6 +116,20 @@ def _is_of_type(value, annotation: str) -> bool:
     raise TypeError(f"DraftConfig: no JSON check for the annotation {annotation!r}")
 
 
+def check_draft_vocab(ids: Tensor, vocab_size: int, what: str) -> None:
+    """A draft vocabulary is int64 `[K]`, 1 <= K <= vocab_size, strictly increasing target ids in
+    [0, vocab_size); ValueError starting with `what` otherwise."""
+    V = vocab_size
+    if ids.dtype != torch.int64 or ids.dim() != 1 or not 1 <= ids.numel() <= V:
+        raise ValueError(f"{what} must be int64 [K] with 1 <= K <= vocab_size={V}, got "
+                         f"{ids.dtype} of shape {list(ids.shape)}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= V:
+        raise ValueError(f"{what} holds ids outside [0, vocab_size={V}): min {lo}, max {hi}")
+    if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+        raise ValueError(f"{what} must be strictly increasing target ids (sorted, no repeats)")
+
+
 @dataclass
 class DraftCache:
     """One decoder layer's K/V: k, v `[B, Hkv, capacity, head_dim]`; `lengths [B]` int64 committed
@@ -420,15 +434,7 @@ class SparrowDraft(nn.Module):
         self.config.draft_vocab_size = int(ids.numel())
 
     def _check_vocab(self, ids: Tensor, what: str) -> None:
-        V = self.config.vocab_size
-        if ids.dtype != torch.int64 or ids.dim() != 1 or not 1 <= ids.numel() <= V:
-            raise ValueError(f"SparrowDraft: {what} must be int64 [K] with 1 <= K <= vocab_size={V}, got "
-                             f"{ids.dtype} of shape {list(ids.shape)}")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= V:
-            raise ValueError(f"SparrowDraft: {what} holds ids outside [0, vocab_size={V}): min {lo}, max {hi}")
-        if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
-            raise ValueError(f"SparrowDraft: {what} must be strictly increasing target ids (sorted, no repeats)")
+        check_draft_vocab(ids, self.config.vocab_size, f"SparrowDraft: {what}")
 
     # ------------------------------------------------------------------ cache API (engine)
     def new_cache(self, batch_size: int, capacity: int) -> DraftCache:
@@ -716,5 +722,5 @@ def committed_draft_dir(name: str | None = None, target: str = "tiny") -> str:
                      f"{WORLD_TARGET!r}")
 
 
-__all__ = ["DEFAULT_DRAFT", "DEFAULT_WORLD_DRAFT", "DraftCache", "DraftConfig", "SparrowDraft", "committed_draft_dir",
-           "load_draft"]
+__all__ = ["DEFAULT_DRAFT", "DEFAULT_WORLD_DRAFT", "DraftCache", "DraftConfig", "SparrowDraft", "check_draft_vocab",
+           "committed_draft_dir", "load_draft"]

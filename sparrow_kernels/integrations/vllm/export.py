@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparrow_kernels.integrations.vllm.plugin import ARCHITECTURE, CONFIG_KEY
-from sparrow_kernels.speculative.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, SparrowDraft
+from sparrow_kernels.speculative.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, SparrowDraft, check_draft_vocab
 
 METHOD = "eagle3"
 # where Qwen2.5-VL checkpoints keep the language model's final norm, LM head and (tied head) embedding
@@ -124,7 +124,7 @@ def export_vllm(draft_dir: str | os.PathLike, target_dir: str | os.PathLike, out
                          f"expected [{cfg.hidden_size}]")
     vocab = state.pop("draft_vocab", None)          # the model class holds the vocabulary (model.py)
     if vocab is not None:
-        draft._check_vocab(vocab, f"draft_vocab in {weights_path}")
+        check_draft_vocab(vocab, cfg.vocab_size, f"export-vllm: draft_vocab in {weights_path}")
     cfg = dataclasses.replace(cfg, draft_vocab_size=0)
     dtype = state["fc.weight"].dtype
     tensors = {f"draft.{name}": t.contiguous() for name, t in state.items()}

@@ -22,7 +22,7 @@ from vllm.model_executor.models.utils import maybe_prefix
 
 from sparrow_kernels.integrations.vllm.paged_draft import PagedBatch, PagedStore, draft_forward, visual_rule_for
 from sparrow_kernels.integrations.vllm.plugin import ARCHITECTURE, CONFIG_KEY
-from sparrow_kernels.speculative.draft import DraftConfig, SparrowDraft
+from sparrow_kernels.speculative.draft import DraftConfig, SparrowDraft, check_draft_vocab
 
 
 class SparrowDraftBody(nn.Module):
@@ -167,12 +167,8 @@ class SparrowDraftEagle3(Eagle3LlamaForCausalLM):
                 raise ValueError(f"{ARCHITECTURE}: weight {name} has shape {list(tensor.shape)}, "
                                  f"the config asks for {list(params[name].shape)}")
             if name == "vocab":
-                ids = tensor.to("cpu", torch.int64)
-                V = self.model.draft_config.vocab_size
-                if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V or
-                                    (ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()))):
-                    raise ValueError(f"{ARCHITECTURE}: weight vocab must hold strictly increasing target ids in "
-                                     f"[0, vocab_size={V})")
+                check_draft_vocab(tensor.to("cpu", torch.int64), self.model.draft_config.vocab_size,
+                                  f"{ARCHITECTURE}: weight vocab")
             with torch.no_grad():
                 params[name].copy_(tensor)
             missing.discard(name)
