@@ -310,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-groups", type=int, default=3, help="held-out batches per frame count")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--resume", action="store_true", help="continue from --out's trainer state")
+    p.add_argument("--init", default=None, metavar="DRAFT_DIR",
+                   help="start from this trained draft's weights (e.g. after the target was trained further: "
+                        "re-distill on its new answers without starting over); its config must be the one these "
+                        "flags build; fresh optimizer and schedule; its vocabulary is kept unless --draft-vocab K chooses one from this "
+                        "run's answers")
     p.add_argument("--prepare-only", action="store_true",
                    help="only distill the answers and fill --cache-dir with the target states, then exit")
     p.add_argument("--stop-after", type=int, default=None,
@@ -378,6 +383,28 @@ def evaluate(draft: SparrowDraft, store: HiddenStateStore, groups: list[DistillG
 
 
 # --------------------------------------------------------------------------- training
+
+
+def warm_start(draft: SparrowDraft, init_dir: str, target) -> dict:
+    """Load the weights (and draft vocabulary) of the trained draft in `init_dir` into `draft`,
+    whose config the flags built: the two configs must agree in everything but the vocabulary
+    size, so a warm start never silently changes the recipe or the architecture. Returns what
+    the new draft records about its start (directory, the target and steps it was trained on)."""
+    try:
+        start = SparrowDraft.load(init_dir, target).float()
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"--init {init_dir}: {err}") from err
+    mine, theirs = draft.config.to_dict(), start.config.to_dict()
+    differ = sorted(k for k in set(mine) | set(theirs) if k != "draft_vocab_size" and mine.get(k) != theirs.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: flags {mine.get(k)!r}, draft {theirs.get(k)!r}" for k in differ)
+        raise ValueError(f"--init {init_dir}: its config differs from the one these flags build ({detail}); "
+                         f"pass the flags (or --preset) it was trained with")
+    draft.set_draft_vocab(start.draft_vocab)
+    draft.load_state_dict(start.state_dict())
+    info = start.training_info
+    return {"from": str(Path(init_dir)), "target": info.get("target"), "steps": info.get("steps"),
+            "preset": info.get("preset"), **({"init": info["init"]} if "init" in info else {})}
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -466,8 +493,12 @@ def train(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     start_step = 0
     previous_info: dict = {}
+    init_info: dict | None = None
     log_path = out / "log.jsonl"
-    if args.resume and (out / TRAINER_STATE).is_file():
+    resuming = args.resume and (out / TRAINER_STATE).is_file()
+    if args.init is not None and not resuming:
+        init_info = warm_start(draft, args.init, target)
+    if resuming:
         state = torch.load(out / TRAINER_STATE, weights_only=True)
         resumed = SparrowDraft.load(out, target).float()
         draft.set_draft_vocab(resumed.draft_vocab)
@@ -480,7 +511,8 @@ def train(args: argparse.Namespace) -> dict:
         log_path.unlink()
     if args.draft_vocab == 0:
         draft.set_draft_vocab(None)
-    elif args.draft_vocab is not None and draft.config.draft_vocab_size != args.draft_vocab:
+    elif args.draft_vocab is not None and (draft.config.draft_vocab_size != args.draft_vocab
+                                           or init_info is not None):    # a warm start picks from its new answers
         draft.set_draft_vocab(draft_vocab_from_answers(train_groups, args.draft_vocab, target.vocab_size,
                                                        always=target.eos_token_ids))
     draft.training_info = {
@@ -490,6 +522,8 @@ def train(args: argparse.Namespace) -> dict:
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "frames": [args.frames_min, args.frames_max], "train_videos": len(train_groups) * args.batch_size,
     }
+    if init_info is not None or "init" in previous_info:
+        draft.training_info["init"] = init_info if init_info is not None else previous_info["init"]
     schedule = group_schedule(len(train_groups), args.steps, args.seed)
     first_eval = min(eval_groups) if eval_groups else None
 

@@ -292,3 +292,39 @@ def test_training_with_a_draft_vocabulary_and_adding_one_to_a_finished_run(targe
     assert torch.equal(after.draft_vocab, loaded.draft_vocab)       # chosen from the same answers
     for name, p in plain["draft"].state_dict().items():
         assert torch.equal(p, after.state_dict()[name]), name
+
+
+def test_init_warm_starts_from_a_trained_draft(target_dir, tmp_path):
+    data = tmp_path / "data"
+    target = train_draft.load_any_target(str(target_dir))
+    trained = run(cli(target_dir, tmp_path / "a", "--steps", "12", "--preset", "none", "--draft-vocab", "20",
+                      data=data))
+    fresh = run(cli(target_dir, tmp_path / "f", "--steps", "2", "--preset", "none", data=data))
+    # no step: the new run's draft is the trained one (weights and vocabulary), with its lineage recorded
+    copy = run(cli(target_dir, tmp_path / "c", "--steps", "0", "--preset", "none", "--init", str(tmp_path / "a"),
+                   data=data))
+    assert copy["losses"] == []
+    loaded = SparrowDraft.load(tmp_path / "c", target)
+    for name, p in trained["draft"].state_dict().items():
+        assert torch.equal(p, loaded.state_dict()[name]), name
+    init = loaded.training_info["init"]
+    assert init["from"] == str(tmp_path / "a") and init["steps"] == 12 and init["preset"] == "none"
+    assert init["target"] == trained["draft"].training_info["target"]
+    # training on from it starts where the trained draft is, not where a fresh one is
+    warm = run(cli(target_dir, tmp_path / "w", "--steps", "2", "--preset", "none", "--init", str(tmp_path / "a"),
+                   data=data))
+    assert warm["losses"][0] < 0.8 * fresh["losses"][0]
+    # a resumed warm-started run keeps its lineage
+    run(cli(target_dir, tmp_path / "w", "--steps", "3", "--preset", "none", "--resume", data=data))
+    assert SparrowDraft.load(tmp_path / "w", target).training_info["init"] == init
+
+
+def test_init_refuses_a_draft_of_another_recipe_or_a_missing_one(target_dir, tmp_path):
+    data = tmp_path / "data"
+    run(cli(target_dir, tmp_path / "a", "--steps", "1", "--preset", "none", data=data))
+    with pytest.raises(ValueError, match=r"--init .*config differs.*visual_kv: flags False, draft True"):
+        run(cli(target_dir, tmp_path / "b", "--steps", "1", "--preset", "sparrow", "--init", str(tmp_path / "a"),
+                data=data))
+    with pytest.raises(ValueError, match=r"--init .*does not exist"):
+        run(cli(target_dir, tmp_path / "b", "--steps", "1", "--preset", "none", "--init", str(tmp_path / "nothing"),
+                data=data))
