@@ -150,10 +150,13 @@ def proposal_vocab_size(draft, vocab_size: int) -> int:
     return min(vocab_size, int(k)) if isinstance(k, int) and k > 0 else vocab_size
 
 
-# Presets. GPU: EAGLE-2's / the paper's official tree. CPU: the best shape of
-# benchmarks/tree_sweep.py for the built-in tiny video LM on a 2-core CPU (benchmarks/RESULTS.md).
+# Presets. GPU: EAGLE-2's / the paper's official tree. CPU: a chain of 7 drafted tokens, the best
+# shape of benchmarks/tree_sweep.py for the Qwen2.5-VL world target on a 2-core CPU from 1.5k to
+# 25k visual tokens (benchmarks/RESULTS.md, "Tree shapes"): on a CPU every verified node costs
+# compute (only ~4 rows ride free on a decode step's memory reads), so the top-2 branches of the
+# former (12, 5, 2) preset cost more verification than the tau they add, most of all at 25k.
 GPU_TREE = TreeShape(total_tokens=30, depth=3, top_k=8)
-CPU_TREE = TreeShape(total_tokens=12, depth=5, top_k=2)
+CPU_TREE = TreeShape(total_tokens=8, depth=6, top_k=1)
 
 
 def _choose_children(logits: Tensor, count: int, sampler, generator) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -274,4 +274,4 @@ def test_tree_shape_validates_and_counts_nodes():
     assert TreeShape(total_tokens=1).size(1000) == (1, 0)
     assert TreeShape(10, 2, 2).size(1000, sampled=True)[0] <= 10
     assert TreeShape.for_device("cpu") == CPU_TREE and TreeShape.for_device("cuda") == GPU_TREE
-    assert CPU_TREE.replace(depth=None, top_k=3) == TreeShape(12, 5, 3)
+    assert CPU_TREE.replace(depth=None, top_k=3) == TreeShape(8, 6, 3)
