@@ -72,12 +72,13 @@ def parse_args(argv=None):
     return args
 
 
-def tree_settings(args, device):
-    """The library's tree preset for the device (tree.TreeShape.for_device) with the options given."""
+def tree_settings(args, device, temperature: float = 0.0):
+    """The library's tree preset for the device and temperature (tree.TreeShape.for_device) with
+    the options given."""
     from sparrow_kernels.speculative.tree import TreeShape
 
     options = {key: getattr(args, key) for key in ("total_tokens", "depth", "top_k")}
-    return TreeShape.for_device(device).replace(**options)
+    return TreeShape.for_device(device, temperature).replace(**options)
 
 
 def load_drafts(args, target):
@@ -298,7 +299,8 @@ def replot(json_path, out_dir=None) -> list[Path]:
 def markdown(meta, results, ablation) -> str:
     """The study as Markdown tables (what RESULTS.md quotes): one row per setting and method
     (prefill per run, draft / verify / other per verification step), then the ablation's tau."""
-    lines = [f"tree {meta['tree']}, {meta['videos']} video(s) per setting, {meta['threads']} thread(s), "
+    sampled = f" (T > 0: {meta['tree_sampled']})" if "tree_sampled" in meta else ""
+    lines = [f"tree {meta['tree']}{sampled}, {meta['videos']} video(s) per setting, {meta['threads']} thread(s), "
              f"torch {meta['torch']}, `{' '.join(meta['argv'])}`", "",
              "| T | visual tokens | method | tau | decoding speedup | end-to-end speedup | decode tok/s | prefill s "
              "| draft ms/step | verify ms/step | other ms/step | greedy = AR |",
@@ -354,7 +356,8 @@ def main(argv=None):
     lengths = [500] if args.quick else [int(x) for x in args.visual_tokens.split(",")]
     temps = [0.0] if args.quick else [float(t) for t in args.temperatures.split(",")]
     videos = 1 if args.quick else args.videos
-    tree = tree_settings(args, device)
+    tree = tree_settings(args, device)                        # greedy (and the ablation)
+    trees = {temp: tree_settings(args, device, temp) for temp in temps}
     main_drafts = {n: d for n, d in drafts.items() if n in METHODS or not args.ablations}
     if args.python_draft:
         from sparrow_kernels.speculative.draft import DEFAULT_DRAFT
@@ -364,11 +367,12 @@ def main(argv=None):
     meta = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(), "target": args.target,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
-            "tree": tree.as_dict(), "max_new_tokens": args.max_new_tokens, "videos": videos, "repeats": args.repeats,
+            "tree": tree.as_dict(), **({"tree_sampled": trees[max(temps)].as_dict()} if max(temps) > 0 else {}),
+            "max_new_tokens": args.max_new_tokens, "videos": videos, "repeats": args.repeats,
             "prefill": "once per video, shared by every method and round", "argv": sys.argv,
             "attn_implementation": getattr(getattr(getattr(target, "model", None), "config", None),
                                            "_attn_implementation", None)}  # HF targets only
-    print(f"e2e: target={args.target} drafts={list(drafts)} tree={tree.as_dict()} lengths={lengths} temps={temps} videos={videos}")
+    print(f"e2e: target={args.target} drafts={list(drafts)} trees={ {t: str(trees[t]) for t in temps} } lengths={lengths} temps={temps} videos={videos}")
     results: dict = {}
     for temp in temps:
         results[str(temp)] = {}
@@ -376,7 +380,7 @@ def main(argv=None):
             per_video = []
             for i in range(videos):
                 prompt = video_prompt(target, L, i)
-                per_video.append(run_setting(target, main_drafts, tree, prompt, args.max_new_tokens, temp, seed=i,
+                per_video.append(run_setting(target, main_drafts, trees[temp], prompt, args.max_new_tokens, temp, seed=i,
                                              repeats=args.repeats))
             agg = aggregate(per_video)
             results[str(temp)][str(L)] = agg

@@ -124,11 +124,11 @@ def _load_draft(path, target):
 
 
 def _tree(args, device):
-    """The device's tree preset (tree.TreeShape.for_device) with the --total-tokens/--depth/--top-k given."""
+    """The device's tree preset for the temperature (tree.TreeShape.for_device) with the --total-tokens/--depth/--top-k given."""
     from sparrow_kernels.speculative.tree import TreeShape
 
     try:
-        return TreeShape.for_device(device).replace(
+        return TreeShape.for_device(device, float(getattr(args, "temperature", 0.0) or 0.0)).replace(
             **{key: getattr(args, key, None) for key in ("total_tokens", "depth", "top_k")})
     except ValueError as err:
         raise UserError(str(err)) from err

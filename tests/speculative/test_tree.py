@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparrow_kernels.speculative.engine import sampling_probs
-from sparrow_kernels.speculative.tree import CPU_TREE, GPU_TREE, TreeShape, build_tree, tree_layout
+from sparrow_kernels.speculative.tree import (CPU_SAMPLING_TREE, CPU_TREE, GPU_TREE, TreeShape, build_tree,
+                                              tree_layout)
 from tests.speculative.helpers import random_draft, tiny_vlm
 
 torch.set_num_threads(1)
@@ -274,4 +275,8 @@ def test_tree_shape_validates_and_counts_nodes():
     assert TreeShape(total_tokens=1).size(1000) == (1, 0)
     assert TreeShape(10, 2, 2).size(1000, sampled=True)[0] <= 10
     assert TreeShape.for_device("cpu") == CPU_TREE and TreeShape.for_device("cuda") == GPU_TREE
+    # greedy on a CPU: a chain; sampling on a CPU: the branching tree; a GPU: one tree for both
+    assert CPU_TREE.top_k == 1 and CPU_SAMPLING_TREE.top_k > 1
+    assert TreeShape.for_device("cpu", 0.0) == CPU_TREE and TreeShape.for_device("cpu", 0.7) == CPU_SAMPLING_TREE
+    assert TreeShape.for_device("cuda", 0.7) == GPU_TREE
     assert CPU_TREE.replace(depth=None, top_k=3) == TreeShape(8, 6, 3)
