@@ -395,3 +395,15 @@ def test_video_over_the_memory_budget_names_the_cli_options(capsys, monkeypatch,
     code, _, err = run(["generate", "--video", str(clip), "--prompt", "describe the video", "--device", "cpu"],
                        capsys)              # the world target reads 112 px frames: none fits this budget
     assert code == 2 and "not even one frame fits" in one_error_line(err)
+
+
+@pytest.mark.parametrize("command", ["demo", "generate"])
+def test_tree_preset_follows_the_temperature(command):
+    from sparrow_kernels.speculative.tree import CPU_SAMPLING_TREE, CPU_TREE, TreeShape
+
+    base = [command] + (["--video", "clip.mp4", "--prompt", "Describe the video."] if command == "generate" else [])
+    greedy = cli.build_parser().parse_args(base)
+    sampled = cli.build_parser().parse_args(base + ["--temperature", "0.8"])
+    assert cli._tree(greedy, "cpu") == CPU_TREE and cli._tree(sampled, "cpu") == CPU_SAMPLING_TREE
+    pinned = cli.build_parser().parse_args(base + ["--temperature", "0.8", "--top-k", "1"])
+    assert cli._tree(pinned, "cpu") == TreeShape(12, 5, 1)

@@ -385,21 +385,27 @@ def evaluate(draft: SparrowDraft, store: HiddenStateStore, groups: list[DistillG
 # --------------------------------------------------------------------------- training
 
 
-def warm_start(draft: SparrowDraft, init_dir: str, target) -> dict:
-    """Load the weights (and draft vocabulary) of the trained draft in `init_dir` into `draft`,
-    whose config the flags built: the two configs must agree in everything but the vocabulary
-    size, so a warm start never silently changes the recipe or the architecture. Returns what
-    the new draft records about its start (directory, the target and steps it was trained on)."""
+def load_init(init_dir: str, config: DraftConfig, target) -> SparrowDraft:
+    """The trained draft in `init_dir` (for `--init`), checked before any work: its config must
+    agree with `config` (the one the flags build) in everything but the vocabulary size, so a warm
+    start never silently changes the recipe or the architecture."""
     try:
         start = SparrowDraft.load(init_dir, target).float()
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"--init {init_dir}: {err}") from err
-    mine, theirs = draft.config.to_dict(), start.config.to_dict()
+    mine, theirs = config.to_dict(), start.config.to_dict()
     differ = sorted(k for k in set(mine) | set(theirs) if k != "draft_vocab_size" and mine.get(k) != theirs.get(k))
     if differ:
         detail = ", ".join(f"{k}: flags {mine.get(k)!r}, draft {theirs.get(k)!r}" for k in differ)
         raise ValueError(f"--init {init_dir}: its config differs from the one these flags build ({detail}); "
                          f"pass the flags (or --preset) it was trained with")
+    return start
+
+
+def warm_start(draft: SparrowDraft, start: SparrowDraft, init_dir: str) -> dict:
+    """Copy the weights and draft vocabulary of `start` (load_init) into `draft`. Returns what the
+    new draft records about its start: the directory, the target fingerprint and the (planned)
+    steps of the run that trained it, and that run's own start if it had one."""
     draft.set_draft_vocab(start.draft_vocab)
     draft.load_state_dict(start.state_dict())
     info = start.training_info
@@ -422,6 +428,8 @@ def train(args: argparse.Namespace) -> dict:
     for p in getattr(target, "model", torch.nn.Module()).parameters():
         p.requires_grad_(False)                                      # frozen: no gradients into the target
     config = make_draft_config(target, args, vata, ivsb)
+    resuming = args.resume and (out / TRAINER_STATE).is_file()
+    init_draft = load_init(args.init, config, target) if args.init is not None and not resuming else None
     if config.window > 0 and config.window < steps_unrolled:
         raise ValueError(f"--window={config.window} must be 0 or >= the unrolled steps ({steps_unrolled})")
     last_layer = target.num_layers
@@ -495,9 +503,8 @@ def train(args: argparse.Namespace) -> dict:
     previous_info: dict = {}
     init_info: dict | None = None
     log_path = out / "log.jsonl"
-    resuming = args.resume and (out / TRAINER_STATE).is_file()
-    if args.init is not None and not resuming:
-        init_info = warm_start(draft, args.init, target)
+    if init_draft is not None:
+        init_info = warm_start(draft, init_draft, args.init)
     if resuming:
         state = torch.load(out / TRAINER_STATE, weights_only=True)
         resumed = SparrowDraft.load(out, target).float()
@@ -507,6 +514,10 @@ def train(args: argparse.Namespace) -> dict:
         opt.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
         torch.set_rng_state(state["rng"])
+        started_from = previous_info.get("init", {}).get("from")
+        if args.init is not None and started_from != str(Path(args.init)):
+            raise ValueError(f"--init {args.init} with --resume: the run in {out} started from "
+                             f"{started_from or 'scratch'}; resume without --init, or use a new --out")
     elif log_path.exists():
         log_path.unlink()
     if args.draft_vocab == 0:

@@ -299,7 +299,8 @@ def test_init_warm_starts_from_a_trained_draft(target_dir, tmp_path):
     target = train_draft.load_any_target(str(target_dir))
     trained = run(cli(target_dir, tmp_path / "a", "--steps", "12", "--preset", "none", "--draft-vocab", "20",
                       data=data))
-    fresh = run(cli(target_dir, tmp_path / "f", "--steps", "2", "--preset", "none", data=data))
+    fresh = run(cli(target_dir, tmp_path / "f", "--steps", "2", "--preset", "none", "--draft-vocab", "20",
+                    data=data))
     # no step: the new run's draft is the trained one (weights and vocabulary), with its lineage recorded
     copy = run(cli(target_dir, tmp_path / "c", "--steps", "0", "--preset", "none", "--init", str(tmp_path / "a"),
                    data=data))
@@ -314,7 +315,10 @@ def test_init_warm_starts_from_a_trained_draft(target_dir, tmp_path):
     warm = run(cli(target_dir, tmp_path / "w", "--steps", "2", "--preset", "none", "--init", str(tmp_path / "a"),
                    data=data))
     assert warm["losses"][0] < 0.8 * fresh["losses"][0]
-    # a resumed warm-started run keeps its lineage
+    # a resumed warm-started run keeps its lineage; resuming it with another --init is refused
+    with pytest.raises(ValueError, match=r"--init .* with --resume: the run in .* started from .*/a"):
+        run(cli(target_dir, tmp_path / "w", "--steps", "3", "--preset", "none", "--resume", "--init",
+                str(tmp_path / "f"), data=data))
     run(cli(target_dir, tmp_path / "w", "--steps", "3", "--preset", "none", "--resume", data=data))
     assert SparrowDraft.load(tmp_path / "w", target).training_info["init"] == init
 
@@ -325,6 +329,11 @@ def test_init_refuses_a_draft_of_another_recipe_or_a_missing_one(target_dir, tmp
     with pytest.raises(ValueError, match=r"--init .*config differs.*visual_kv: flags False, draft True"):
         run(cli(target_dir, tmp_path / "b", "--steps", "1", "--preset", "sparrow", "--init", str(tmp_path / "a"),
                 data=data))
+    # checked before any answer is distilled: a fresh data cache stays empty
+    with pytest.raises(ValueError, match=r"--init .*config differs"):
+        run(cli(target_dir, tmp_path / "b", "--steps", "1", "--preset", "sparrow", "--init", str(tmp_path / "a"),
+                data=tmp_path / "empty"))
+    assert not any((tmp_path / "empty").glob("distill_*"))
     with pytest.raises(ValueError, match=r"--init .*does not exist"):
         run(cli(target_dir, tmp_path / "b", "--steps", "1", "--preset", "none", "--init", str(tmp_path / "nothing"),
                 data=data))
