@@ -356,8 +356,8 @@ def main(argv=None):
     lengths = [500] if args.quick else [int(x) for x in args.visual_tokens.split(",")]
     temps = [0.0] if args.quick else [float(t) for t in args.temperatures.split(",")]
     videos = 1 if args.quick else args.videos
-    tree = tree_settings(args, device)                        # greedy (and the ablation)
     trees = {temp: tree_settings(args, device, temp) for temp in temps}
+    tree = trees.get(0.0) or tree_settings(args, device)     # greedy (and the ablation)
     main_drafts = {n: d for n, d in drafts.items() if n in METHODS or not args.ablations}
     if args.python_draft:
         from sparrow_kernels.speculative.draft import DEFAULT_DRAFT

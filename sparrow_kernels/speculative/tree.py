@@ -291,4 +291,5 @@ def _assemble(root_tokens: Tensor, pool_tokens: Tensor, pool_scores: Tensor, poo
                      next_sibling=next_sibling, scores=scores, draft_probs=draft_probs)
 
 
-__all__ = ["CPU_SAMPLING_TREE", "CPU_TREE", "DraftTree", "GPU_TREE", "TreeShape", "build_tree", "proposal_vocab_size", "tree_layout"]
+__all__ = ["CPU_SAMPLING_TREE", "CPU_TREE", "DraftTree", "GPU_TREE", "TreeShape", "build_tree", "proposal_vocab_size",
+           "tree_layout"]

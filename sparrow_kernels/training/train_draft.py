@@ -312,9 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from --out's trainer state")
     p.add_argument("--init", default=None, metavar="DRAFT_DIR",
                    help="start from this trained draft's weights (e.g. after the target was trained further: "
-                        "re-distill on its new answers without starting over); its config must be the one these "
-                        "flags build; fresh optimizer and schedule; its vocabulary is kept unless --draft-vocab K chooses one from this "
-                        "run's answers")
+                        "re-distill on its new answers without starting over); its config must be the one "
+                        "these flags build; fresh optimizer and schedule; its vocabulary is kept unless "
+                        "--draft-vocab K chooses one from this run's answers")
     p.add_argument("--prepare-only", action="store_true",
                    help="only distill the answers and fill --cache-dir with the target states, then exit")
     p.add_argument("--stop-after", type=int, default=None,
@@ -402,12 +402,17 @@ def load_init(init_dir: str, config: DraftConfig, target) -> SparrowDraft:
     return start
 
 
+def adopt_weights(draft: SparrowDraft, source: SparrowDraft) -> None:
+    """Make `draft` hold `source`'s weights and draft vocabulary (a resume or a warm start)."""
+    draft.set_draft_vocab(source.draft_vocab)
+    draft.load_state_dict(source.state_dict())
+
+
 def warm_start(draft: SparrowDraft, start: SparrowDraft, init_dir: str) -> dict:
     """Copy the weights and draft vocabulary of `start` (load_init) into `draft`. Returns what the
     new draft records about its start: the directory, the target fingerprint and the (planned)
     steps of the run that trained it, and that run's own start if it had one."""
-    draft.set_draft_vocab(start.draft_vocab)
-    draft.load_state_dict(start.state_dict())
+    adopt_weights(draft, start)
     info = start.training_info
     return {"from": str(Path(init_dir)), "target": info.get("target"), "steps": info.get("steps"),
             "preset": info.get("preset"), **({"init": info["init"]} if "init" in info else {})}
@@ -508,9 +513,8 @@ def train(args: argparse.Namespace) -> dict:
     if resuming:
         state = torch.load(out / TRAINER_STATE, weights_only=True)
         resumed = SparrowDraft.load(out, target).float()
-        draft.set_draft_vocab(resumed.draft_vocab)
         previous_info = resumed.training_info
-        draft.load_state_dict(resumed.state_dict())
+        adopt_weights(draft, resumed)
         opt.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
         torch.set_rng_state(state["rng"])
