@@ -59,6 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "predicts the colours, shapes, directions and speeds of the objects in its cell (0: off)")
     p.add_argument("--probe", choices=("linear", "words"), default="words",
                    help="grounding probe: a linear head, or the class words' own (tied) embeddings")
+    p.add_argument("--stage", choices=("joint", "tower"), default="joint",
+                   help="joint: answers through the whole model (default); tower: pretrain only the vision tower "
+                        "and merger on the grounding probe (videos, no text; the language model is frozen), "
+                        "as a real VLM starts from a pretrained vision encoder. Needs --grounding-weight > 0")
+    p.add_argument("--tower-videos", type=int, default=8, help="--stage tower: videos per batch")
     p.add_argument("--data-workers", type=int, default=1,
                    help="processes that render the next batches while a step trains (0: inline)")
     p.add_argument("--reinit-vision", action="store_true",
@@ -84,13 +89,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="first held-out index of the validation videos (test videos start at 0)")
     p.add_argument("--eval-visual-tokens", default="512,1536", help="visual-token budgets of the validation eval")
     p.add_argument("--eval-max-new-tokens", type=int, default=480)
+    p.add_argument("--eval-frame-size", type=int, default=112, help="frame size (pixels) of the validation videos")
     p.add_argument("--ema", type=float, default=0.0, help="decay of a weight average used by evals and saves (0: off)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: auto)")
     p.add_argument("--init", default=None, help="start from the weights of this HF model directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last if it exists")
     p.add_argument("--export", default=None, help="copy the final model directory here")
     p.add_argument("--export-which", choices=("best", "last"), default="best")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.stage == "tower" and args.grounding_weight <= 0:
+        p.error("--stage tower trains the vision tower on the grounding probe: pass --grounding-weight > 0")
+    return args
 
 
 # ----------------------------------------------------------------------------- model
@@ -186,16 +195,33 @@ def make_turns(world: World, rng: random.Random, args) -> list[tuple[str, str]]:
     return turns
 
 
+def batch_rendering(rng: random.Random, args) -> tuple[int, int]:
+    """(frame size, even frame count) of one batch: a size from `--frame-sizes`, a count in
+    [--min-frames, --max-frames] cut to `--max-visual-tokens`."""
+    size = rng.choice([int(s) for s in str(args.frame_sizes).split(",")])
+    per_grid = (size // 28) ** 2
+    num_frames = 2 * rng.randint(args.min_frames // 2, args.max_frames // 2)
+    return size, min(num_frames, 2 * max(1, args.max_visual_tokens // per_grid))
+
+
+def make_tower_batch(run_seed: int, step: int, args) -> dict:
+    """`--stage tower`'s batch of `step` (a pure function of run seed and step): `--tower-videos`
+    worlds at one frame size and count, their patches and grounding labels; no text."""
+    rng = random.Random(run_seed * 1_000_003 + step)
+    size, num_frames = batch_rendering(rng, args)
+    worlds = [World(rng.randrange(10**9)) for _ in range(args.tower_videos)]
+    videos = [video_inputs(w, num_frames, size) for w in worlds]
+    return {"pixel_values_videos": torch.cat([v["pixel_values_videos"] for v in videos]),
+            "video_grid_thw": torch.cat([v["video_grid_thw"] for v in videos]),
+            "grounding_labels": torch.cat([grounding_labels(w, num_frames, size) for w in worlds])}
+
+
 def make_batch(run_seed: int, step: int, args, tokenizer) -> dict:
     """The batch of `step` (a pure function of run seed and step): one frame size and count for
     all its videos, as many chats as fit `batch_tokens`. Returns stock forward kwargs + labels."""
     rng = random.Random(run_seed * 1_000_003 + step)
-    sizes = [int(s) for s in str(args.frame_sizes).split(",")]
-    size = rng.choice(sizes)
-    per_grid = (size // 28) ** 2
-    num_frames = 2 * rng.randint(args.min_frames // 2, args.max_frames // 2)
-    num_frames = min(num_frames, 2 * max(1, args.max_visual_tokens // per_grid))
-    video_tokens = num_frames // 2 * per_grid
+    size, num_frames = batch_rendering(rng, args)
+    video_tokens = num_frames // 2 * (size // 28) ** 2
     rows, videos, grounding = [], [], []
     used = 0
     while True:
@@ -245,10 +271,12 @@ def answer_loss(model, batch: dict) -> torch.Tensor:
 
 def param_groups(model, args) -> list[dict]:
     """AdamW groups: weight decay on matrices except embeddings; the vision tower (with its
-    merger) at `--vision-lr-scale` times the learning rate."""
+    merger) at `--vision-lr-scale` times the learning rate. `--stage tower` trains only those."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         visual = ".visual." in f".{name}"
+        if args.stage == "tower" and not visual:
+            continue
         decayed = p.dim() >= 2 and "embed" not in name
         groups.setdefault((visual, decayed), []).append(p)
     return [{"params": params, "weight_decay": args.weight_decay if decayed else 0.0,
@@ -373,6 +401,7 @@ class VisualAuxLosses(torch.nn.Module):
             total = total + self.probe_weight * probe
             stats["probe_loss"] = round(float(probe.detach()), 4)
             stats.update(probe_f1(logits.detach(), labels))
+            stats.update(probe_accuracy(logits.detach(), labels))
         return total, stats
 
 
@@ -386,6 +415,20 @@ def probe_f1(logits: torch.Tensor, labels: torch.Tensor) -> dict:
         tp = float((p & y).sum())
         denom = float(p.sum() + y.sum())
         out[f"f1_{group}"] = round(2 * tp / denom, 3) if denom else 1.0
+    return out
+
+
+def probe_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Per group, the argmax accuracy of the probe over the cells that hold exactly one class of the
+    group (one object): what a reader of the token could name (chance: 1 / classes)."""
+    out = {}
+    for group in ("color", "shape", "direction", "speed"):
+        cols = [PROBE_CLASSES.index(n) for n in PROBE_GROUPS[group]]
+        y = labels[:, cols]
+        one = y.sum(1) == 1
+        if bool(one.any()):
+            hits = logits[one][:, cols].argmax(1) == y[one].argmax(1)
+            out[f"acc_{group}"] = round(float(hits.float().mean()), 3)
     return out
 
 
@@ -421,14 +464,14 @@ def generate_answer(model, tokenizer, world: World, question: str, visual_tokens
 
 @torch.no_grad()
 def narration_accuracy(model, tokenizer, visual_tokens: int, num_videos: int, first_index: int,
-                       max_new_tokens: int = 480) -> tuple[float, dict]:
+                       max_new_tokens: int = 480, size: int = 112) -> tuple[float, dict]:
     """Fraction of narration facts stated correctly on held-out videos, and the per-kind sums."""
     was_training = model.training
     model.eval()
     per_kind: dict[str, list[int]] = {}
     for i in range(first_index, first_index + num_videos):
         world = World(heldout_world_seed(i))
-        text = generate_answer(model, tokenizer, world, EVAL_PROMPT, visual_tokens, max_new_tokens=max_new_tokens)
+        text = generate_answer(model, tokenizer, world, EVAL_PROMPT, visual_tokens, size, max_new_tokens)
         for kind, (found, total) in score_narration(world, text).items():
             acc = per_kind.setdefault(kind, [0, 0])
             acc[0] += found
@@ -511,10 +554,21 @@ def main(argv=None) -> int:
             from safetensors.torch import load_file  # noqa: PLC0415
 
             aux.head.load_state_dict(load_file(str(last / PROBE_FILE)))
+    elif args.init and aux.head is not None and (Path(args.init) / PROBE_FILE).is_file():
+        init_meta = Path(args.init) / "meta.json"
+        init_probe = json.loads(init_meta.read_text()).get("probe") if init_meta.is_file() else None
+        if init_probe == args.probe:                    # a tower stage's probe, when of the same kind
+            from safetensors.torch import load_file  # noqa: PLC0415
+
+            aux.head.load_state_dict(load_file(str(Path(args.init) / PROBE_FILE)))
+            print(f"probe initialized from {args.init}", flush=True)
+        else:
+            print(f"{args.init} holds a --probe {init_probe} head; the --probe {args.probe} head starts fresh", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Qwen2.5-VL: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}; training to step {args.steps}",
           flush=True)
-    run(QwenJob(model, tokenizer, tokenizer_dir, aux, args), args, out, optimizer, step)
+    job = (TowerJob if args.stage == "tower" else QwenJob)(model, tokenizer, tokenizer_dir, aux, args)
+    run(job, args, out, optimizer, step)
     return 0
 
 
@@ -531,6 +585,8 @@ def _worker_init(tokenizer_dir: str) -> None:
 
 
 def _worker_batch(seed: int, step: int, args) -> dict:
+    if args.stage == "tower":
+        return make_tower_batch(seed, step, args)
     return make_batch(seed, step, args, _WORKER_TOKENIZER)
 
 
@@ -541,6 +597,9 @@ def check_resume_options(last: Path, args) -> None:
     if not meta_path.is_file():
         return
     meta = json.loads(meta_path.read_text())
+    if meta.get("stage", "joint") != args.stage:
+        raise ValueError(f"--resume: {last} was trained with --stage {meta.get('stage', 'joint')}, got --stage "
+                         f"{args.stage}; start the next stage in a new --out with --init {last}")
     if "grounding_weight" in meta and (float(meta["grounding_weight"]) > 0) != (args.grounding_weight > 0):
         raise ValueError(f"--resume: {last} was trained with --grounding-weight {meta['grounding_weight']}; a "
                          f"resumed run must keep the probe on or off (got --grounding-weight {args.grounding_weight})")
@@ -561,6 +620,8 @@ class QwenJob(TrainJob):
 
     def make_batch(self, step: int) -> dict:
         if self.args.data_workers <= 0:
+            if self.args.stage == "tower":
+                return make_tower_batch(self.args.seed, step, self.args)
             return make_batch(self.args.seed, step, self.args, self.tokenizer)
         if self.pool is None:
             import concurrent.futures  # noqa: PLC0415
@@ -591,7 +652,8 @@ class QwenJob(TrainJob):
 
     def save(self, directory: Path, optimizer, step: int, extra: dict, also=None) -> None:
         if optimizer is not None:       # OUT/last: what a resume must match
-            extra = {**extra, "grounding_weight": self.args.grounding_weight, "probe": self.args.probe}
+            extra = {**extra, "grounding_weight": self.args.grounding_weight, "probe": self.args.probe,
+                     "stage": self.args.stage}
         save_model_dir(directory, self.model, self.tokenizer_dir, optimizer, step, extra, also)
 
     def save_training_state(self, directory: Path) -> None:
@@ -605,12 +667,51 @@ class QwenJob(TrainJob):
         dependence = video_dependence(self.model, make_batch(args.seed + 1, 10**6, args, self.tokenizer))
         budgets = [int(x) for x in str(args.eval_visual_tokens).split(",") if x]
         acc = {v: narration_accuracy(self.model, self.tokenizer, v, args.eval_videos, args.eval_first_video,
-                                     args.eval_max_new_tokens)[0] for v in budgets}
+                                     args.eval_max_new_tokens, args.eval_frame_size)[0] for v in budgets}
         return ({"eval_narration_facts": {str(k): round(v, 4) for k, v in acc.items()},
                  "video_dependence": round(dependence, 4)}, float(np.mean(list(acc.values()))))
 
     def export(self, source: Path, destination: Path) -> None:
         export_model_dir(source, destination)
+
+
+class TowerJob(QwenJob):
+    """`--stage tower`: the vision tower and merger (the language model frozen) trained on the
+    grounding probe alone, on videos without text; evaluated by the probe's accuracy per group on
+    the validation worlds. Saves the whole HF model (its language model unchanged) and the probe,
+    for a joint stage started with `--init OUT/last` (or best)."""
+
+    desc = "train-target qwen2_5_vl (tower)"
+
+    def losses(self, batch: dict):
+        self.model.model.visual(batch["pixel_values_videos"], grid_thw=batch["video_grid_thw"])   # hook records it
+        loss, stats = self.aux.take(batch["grounding_labels"])
+        return loss, loss, stats
+
+    def tokens(self, batch: dict) -> int:
+        return int(batch["grounding_labels"].shape[0])
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict, float]:
+        """Probe F1 and accuracy on `--eval-videos` validation worlds at each `--eval-visual-tokens`
+        budget, rendered at `--eval-frame-size`; the score is the mean accuracy."""
+        args = self.args
+        size = args.eval_frame_size
+        fields, scores = {}, []
+        for budget in [int(x) for x in str(args.eval_visual_tokens).split(",") if x]:
+            frames = frames_for_tokens(budget, size)
+            logits, labels = [], []
+            for i in range(args.eval_first_video, args.eval_first_video + args.eval_videos):
+                world = World(heldout_world_seed(i))
+                video = video_inputs(world, frames, size)
+                visual = self.model.model.visual(video["pixel_values_videos"], grid_thw=video["video_grid_thw"])
+                logits.append(self.aux.head(visual.pooler_output))
+                labels.append(grounding_labels(world, frames, size))
+            logits, labels = torch.cat(logits), torch.cat(labels)
+            acc = probe_accuracy(logits, labels)
+            fields[f"probe_{budget}"] = {**probe_f1(logits, labels), **acc}
+            scores.append(float(np.mean(list(acc.values()))))
+        return fields, float(np.mean(scores))
 
 
 if __name__ == "__main__":

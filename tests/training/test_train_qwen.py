@@ -296,6 +296,78 @@ def test_train_resume_export_load(tmp_path):
     assert not (export / "probe.safetensors").exists()                       # training-only, not exported
 
 
+def test_probe_accuracy_reads_single_object_cells():
+    n = len(train_qwen.PROBE_CLASSES)
+    col = {name: i for i, name in enumerate(train_qwen.PROBE_CLASSES)}
+    labels = torch.zeros(3, n)
+    labels[0, [col["red"], col["cross"], col["left"], col["slow"], col["object"]]] = 1
+    labels[1, [col["blue"], col["circle"], col["up"], col["fast"], col["object"]]] = 1
+    labels[2, [col["red"], col["blue"], col["square"], col["circle"], col["object"]]] = 1   # two objects: skipped
+    logits = torch.full((3, n), -5.0)
+    logits[0, [col["red"], col["square"], col["left"], col["slow"]]] = 5.0    # shape wrong on the first cell
+    logits[1, [col["blue"], col["circle"], col["down"], col["fast"]]] = 5.0   # direction wrong on the second
+    acc = train_qwen.probe_accuracy(logits, labels)
+    assert acc == {"acc_color": 1.0, "acc_shape": 0.5, "acc_direction": 0.5, "acc_speed": 1.0}
+
+
+def test_tower_stage_trains_only_the_vision_tower_and_hands_over(tmp_path):
+    """--stage tower: video-only batches, the language model untouched, the probe saved; a joint
+    stage started with --init from it begins with that probe; the stages do not resume each other."""
+    from safetensors.torch import load_file
+
+    args = train_qwen.parse_args(TINY + ["--stage", "tower", "--grounding-weight", "1", "--tower-videos", "3"])
+    batch = train_qwen.make_tower_batch(0, 5, args)
+    assert set(batch) == {"pixel_values_videos", "video_grid_thw", "grounding_labels"}
+    assert batch["video_grid_thw"].shape[0] == 3
+    assert batch["grounding_labels"].shape[0] == int(batch["video_grid_thw"].prod(1).sum()) // 4
+    again = train_qwen.make_tower_batch(0, 5, args)
+    assert all(torch.equal(batch[k], again[k]) for k in batch)                 # a pure function of (seed, step)
+
+    tower, joint = tmp_path / "tower", tmp_path / "joint"
+    init = TINY + ["--eval-videos", "1", "--eval-visual-tokens", "32", "--eval-max-new-tokens", "4",
+                   "--grounding-weight", "1", "--data-workers", "0"]
+    assert train_target_main(["--target-kind", "qwen2_5_vl", *init, "--out", str(tmp_path / "start"),
+                              "--steps", "1"]) == 0
+    start = load_file(str(tmp_path / "start" / "last" / "model.safetensors"))
+    stage = init + ["--stage", "tower", "--tower-videos", "2", "--lr", "1e-2", "--warmup", "1"]
+    assert train_target_main(["--target-kind", "qwen2_5_vl", *stage, "--out", str(tower), "--steps", "3",
+                              "--init", str(tmp_path / "start" / "last")]) == 0
+    after = load_file(str(tower / "last" / "model.safetensors"))
+    visual = [k for k in after if ".visual." in f".{k}"]
+    assert visual and any(not torch.equal(after[k], start[k]) for k in visual)          # the tower trained
+    assert all(torch.equal(after[k], start[k]) for k in after if k not in visual)       # nothing else did
+    log = [json.loads(line) for line in (tower / "log.jsonl").read_text().splitlines()]
+    assert any("acc_shape" in r.get("probe_32", {}) for r in log)
+    probe = load_file(str(tower / "last" / "probe.safetensors"))
+    with pytest.raises(ValueError, match="--stage tower"):
+        train_target_main(["--target-kind", "qwen2_5_vl", *init, "--out", str(tower), "--steps", "4", "--resume"])
+
+    import sparrow_kernels.training.train_qwen as tq_module
+    seen = {}
+    original = tq_module.QwenJob.__init__
+
+    def spy(self, model, tokenizer, tokenizer_dir, aux, job_args):
+        original(self, model, tokenizer, tokenizer_dir, aux, job_args)
+        seen["probe"] = {k: v.clone() for k, v in aux.head.state_dict().items()}
+    tq_module.QwenJob.__init__ = spy
+    try:
+        assert train_target_main(["--target-kind", "qwen2_5_vl", *init, "--out", str(joint), "--steps", "1",
+                                  "--init", str(tower / "last")]) == 0
+    finally:
+        tq_module.QwenJob.__init__ = original
+    for k, v in probe.items():
+        torch.testing.assert_close(seen["probe"][k], v)                   # the joint stage starts from it
+    assert train_target_main(["--target-kind", "qwen2_5_vl", *init, "--out", str(tmp_path / "joint_linear"),
+                              "--steps", "1", "--probe", "linear", "--init", str(tower / "last")]) == 0   # fresh head
+
+
+def test_tower_stage_needs_the_probe(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_qwen.parse_args(["--stage", "tower"])
+    assert exit_info.value.code == 2
+    assert "--grounding-weight" in capsys.readouterr().err
+
+
 def test_unknown_target_kind_is_refused(capsys):
     assert train_target_main(["--target-kind", "llama"]) == 2
     assert "--target-kind must be tinyvlm or qwen2_5_vl, got 'llama'" in capsys.readouterr().err
