@@ -97,6 +97,9 @@ class TrainJob:
     def export(self, source: Path, destination: Path) -> None:
         raise NotImplementedError
 
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step (and the weight average's update)."""
+
     def on_log(self) -> None:
         """Called at every log line (e.g. re-check the thread count)."""
 
@@ -196,6 +199,7 @@ def _run(job: TrainJob, args, out: Path, optimizer, step: int) -> int:
             step += 1
             if average is not None:
                 average.update(model, step)
+            job.after_step(step)
             tokens_seen += job.tokens(batch)
             elapsed = time.time() - t_start
             bar.update(1)

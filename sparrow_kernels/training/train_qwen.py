@@ -20,7 +20,7 @@ import torch
 from ..data.narration import (NARRATION_PROMPTS, QUESTION_KINDS, SUMMARY_PROMPTS, fact_fraction,
                               make_question, narration, score_narration, summary)
 from ..data.world import COLORS, DIRECTIONS, SHAPES, SPEEDS, World, heldout_world_seed
-from .loop import TrainJob, checkpoint_dir, copy_files, resume_step, run
+from .loop import TrainJob, WeightAverage, checkpoint_dir, copy_files, resume_step, run
 from .train_target import set_threads
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
@@ -97,6 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--export", default=None, help="copy the final model directory here")
     p.add_argument("--export-which", choices=("best", "last"), default="best")
     args = p.parse_args(argv)
+    for name, value in (("--frame-sizes", args.frame_sizes), ("--eval-frame-size", str(args.eval_frame_size))):
+        sizes = [x.strip() for x in str(value).split(",")]
+        if not all(x.isdigit() and int(x) > 0 and int(x) % 28 == 0 for x in sizes):
+            p.error(f"{name} must be positive multiples of 28 pixels (patch 14 x merge 2), got {value!r}")
     if args.stage == "tower" and args.grounding_weight <= 0:
         p.error("--stage tower trains the vision tower on the grounding probe: pass --grounding-weight > 0")
     return args
@@ -545,6 +549,7 @@ def main(argv=None) -> int:
         optimizer.add_param_group({"params": list(aux.head.parameters()), "weight_decay": 0.0,
                                    "lr_scale": args.vision_lr_scale})
     step = 0
+    resuming = args.resume and (last / "model.safetensors").is_file()
     if args.resume:
         check_resume_options(last, args)
         step = resume_step(last, optimizer)
@@ -554,16 +559,8 @@ def main(argv=None) -> int:
             from safetensors.torch import load_file  # noqa: PLC0415
 
             aux.head.load_state_dict(load_file(str(last / PROBE_FILE)))
-    elif args.init and aux.head is not None and (Path(args.init) / PROBE_FILE).is_file():
-        init_meta = Path(args.init) / "meta.json"
-        init_probe = json.loads(init_meta.read_text()).get("probe") if init_meta.is_file() else None
-        if init_probe == args.probe:                    # a tower stage's probe, when of the same kind
-            from safetensors.torch import load_file  # noqa: PLC0415
-
-            aux.head.load_state_dict(load_file(str(Path(args.init) / PROBE_FILE)))
-            print(f"probe initialized from {args.init}", flush=True)
-        else:
-            print(f"{args.init} holds a --probe {init_probe} head; the --probe {args.probe} head starts fresh", flush=True)
+    if not resuming and args.init and aux.head is not None:
+        init_probe_head(aux.head, Path(args.init), args.probe)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Qwen2.5-VL: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}; training to step {args.steps}",
           flush=True)
@@ -588,6 +585,23 @@ def _worker_batch(seed: int, step: int, args) -> dict:
     if args.stage == "tower":
         return make_tower_batch(seed, step, args)
     return make_batch(seed, step, args, _WORKER_TOKENIZER)
+
+
+def init_probe_head(head, init: Path, probe: str) -> None:
+    """Start the probe head from `init`'s (a tower stage's OUT/last) when it holds one of the same
+    `--probe` kind (its meta.json says which); otherwise it starts fresh, and says so."""
+    meta = init / "meta.json"
+    kind = json.loads(meta.read_text()).get("probe") if meta.is_file() else None
+    if not (init / PROBE_FILE).is_file() or kind is None:
+        print(f"{init} holds no probe head (a tower stage's OUT/last has one); the --probe {probe} head starts "
+              f"fresh", flush=True)
+    elif kind != probe:
+        print(f"{init} holds a --probe {kind} head; the --probe {probe} head starts fresh", flush=True)
+    else:
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        head.load_state_dict(load_file(str(init / PROBE_FILE)))
+        print(f"probe initialized from {init}", flush=True)
 
 
 def check_resume_options(last: Path, args) -> None:
@@ -679,9 +693,19 @@ class TowerJob(QwenJob):
     """`--stage tower`: the vision tower and merger (the language model frozen) trained on the
     grounding probe alone, on videos without text; evaluated by the probe's accuracy per group on
     the validation worlds. Saves the whole HF model (its language model unchanged) and the probe,
-    for a joint stage started with `--init OUT/last` (or best)."""
+    for a joint stage started with `--init OUT/last`. With `--ema` the probe head is averaged too,
+    so an evaluation reads the averaged tower with the averaged head (the head's average restarts
+    from the trained head on a resume)."""
 
     desc = "train-target qwen2_5_vl (tower)"
+
+    def __init__(self, model, tokenizer, tokenizer_dir: Path, aux: VisualAuxLosses, args):
+        super().__init__(model, tokenizer, tokenizer_dir, aux, args)
+        self.head_average = WeightAverage(aux.head, args.ema) if args.ema > 0 else None
+
+    def after_step(self, step: int) -> None:
+        if self.head_average is not None:
+            self.head_average.update(self.aux.head, step)
 
     def losses(self, batch: dict):
         self.model.model.visual(batch["pixel_values_videos"], grid_thw=batch["video_grid_thw"])   # hook records it
@@ -695,6 +719,12 @@ class TowerJob(QwenJob):
     def evaluate(self) -> tuple[dict, float]:
         """Probe F1 and accuracy on `--eval-videos` validation worlds at each `--eval-visual-tokens`
         budget, rendered at `--eval-frame-size`; the score is the mean accuracy."""
+        if self.head_average is None:
+            return self._evaluate()
+        with self.head_average.swapped_in(self.aux.head):
+            return self._evaluate()
+
+    def _evaluate(self) -> tuple[dict, float]:
         args = self.args
         size = args.eval_frame_size
         fields, scores = {}, []
@@ -710,8 +740,8 @@ class TowerJob(QwenJob):
             logits, labels = torch.cat(logits), torch.cat(labels)
             acc = probe_accuracy(logits, labels)
             fields[f"probe_{budget}"] = {**probe_f1(logits, labels), **acc}
-            scores.append(float(np.mean(list(acc.values()))))
-        return fields, float(np.mean(scores))
+            scores.append(float(np.mean(list(acc.values()))) if acc else 0.0)   # no one-object cell: 0
+        return fields, float(np.mean(scores)) if scores else 0.0
 
 
 if __name__ == "__main__":

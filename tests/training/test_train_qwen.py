@@ -310,9 +310,10 @@ def test_probe_accuracy_reads_single_object_cells():
     assert acc == {"acc_color": 1.0, "acc_shape": 0.5, "acc_direction": 0.5, "acc_speed": 1.0}
 
 
-def test_tower_stage_trains_only_the_vision_tower_and_hands_over(tmp_path):
-    """--stage tower: video-only batches, the language model untouched, the probe saved; a joint
-    stage started with --init from it begins with that probe; the stages do not resume each other."""
+def test_tower_stage_trains_only_the_vision_tower_and_hands_over(tmp_path, monkeypatch):
+    """--stage tower: video-only batches, the language model untouched, the probe saved (and
+    averaged with the tower under --ema); a joint stage started with --init from it begins with
+    that probe, also with --resume on a new --out; the stages do not resume each other."""
     from safetensors.torch import load_file
 
     args = train_qwen.parse_args(TINY + ["--stage", "tower", "--grounding-weight", "1", "--tower-videos", "3"])
@@ -323,15 +324,25 @@ def test_tower_stage_trains_only_the_vision_tower_and_hands_over(tmp_path):
     again = train_qwen.make_tower_batch(0, 5, args)
     assert all(torch.equal(batch[k], again[k]) for k in batch)                 # a pure function of (seed, step)
 
-    tower, joint = tmp_path / "tower", tmp_path / "joint"
+    tower = tmp_path / "tower"
     init = TINY + ["--eval-videos", "1", "--eval-visual-tokens", "32", "--eval-max-new-tokens", "4",
                    "--grounding-weight", "1", "--data-workers", "0"]
     assert train_target_main(["--target-kind", "qwen2_5_vl", *init, "--out", str(tmp_path / "start"),
                               "--steps", "1"]) == 0
     start = load_file(str(tmp_path / "start" / "last" / "model.safetensors"))
-    stage = init + ["--stage", "tower", "--tower-videos", "2", "--lr", "1e-2", "--warmup", "1"]
+    stage = init + ["--stage", "tower", "--tower-videos", "2", "--lr", "1e-2", "--warmup", "1", "--ema", "0.5"]
+    evaluated = {}
+    original_eval = train_qwen.TowerJob._evaluate
+
+    def spy_eval(self):
+        evaluated["head"] = {k: v.clone() for k, v in self.aux.head.state_dict().items()}
+        evaluated["average"] = {k: v.clone() for k, v in self.head_average.shadow.items()}
+        return original_eval(self)
+    monkeypatch.setattr(train_qwen.TowerJob, "_evaluate", spy_eval)
     assert train_target_main(["--target-kind", "qwen2_5_vl", *stage, "--out", str(tower), "--steps", "3",
                               "--init", str(tmp_path / "start" / "last")]) == 0
+    for k, v in evaluated["average"].items():
+        torch.testing.assert_close(evaluated["head"][k], v)           # evaluated with the averaged head
     after = load_file(str(tower / "last" / "model.safetensors"))
     visual = [k for k in after if ".visual." in f".{k}"]
     assert visual and any(not torch.equal(after[k], start[k]) for k in visual)          # the tower trained
@@ -339,33 +350,35 @@ def test_tower_stage_trains_only_the_vision_tower_and_hands_over(tmp_path):
     log = [json.loads(line) for line in (tower / "log.jsonl").read_text().splitlines()]
     assert any("acc_shape" in r.get("probe_32", {}) for r in log)
     probe = load_file(str(tower / "last" / "probe.safetensors"))
+    assert any(not torch.equal(probe[k], evaluated["head"][k]) for k in probe)   # live head != its average
     with pytest.raises(ValueError, match="--stage tower"):
         train_target_main(["--target-kind", "qwen2_5_vl", *init, "--out", str(tower), "--steps", "4", "--resume"])
 
-    import sparrow_kernels.training.train_qwen as tq_module
-    seen = {}
-    original = tq_module.QwenJob.__init__
+    seen = []
+    original = train_qwen.QwenJob.__init__
 
     def spy(self, model, tokenizer, tokenizer_dir, aux, job_args):
         original(self, model, tokenizer, tokenizer_dir, aux, job_args)
-        seen["probe"] = {k: v.clone() for k, v in aux.head.state_dict().items()}
-    tq_module.QwenJob.__init__ = spy
-    try:
-        assert train_target_main(["--target-kind", "qwen2_5_vl", *init, "--out", str(joint), "--steps", "1",
-                                  "--init", str(tower / "last")]) == 0
-    finally:
-        tq_module.QwenJob.__init__ = original
-    for k, v in probe.items():
-        torch.testing.assert_close(seen["probe"][k], v)                   # the joint stage starts from it
+        seen.append({k: v.clone() for k, v in aux.head.state_dict().items()})
+    monkeypatch.setattr(train_qwen.QwenJob, "__init__", spy)
+    for extra in ([], ["--resume"]):                                   # a new --out: --resume starts it
+        assert train_target_main(["--target-kind", "qwen2_5_vl", *init, "--out", str(tmp_path / f"joint{len(extra)}"),
+                                  "--steps", "1", "--init", str(tower / "last"), *extra]) == 0
+        for k, v in probe.items():
+            torch.testing.assert_close(seen[-1][k], v)                # the joint stage starts from it
     assert train_target_main(["--target-kind", "qwen2_5_vl", *init, "--out", str(tmp_path / "joint_linear"),
                               "--steps", "1", "--probe", "linear", "--init", str(tower / "last")]) == 0   # fresh head
 
 
-def test_tower_stage_needs_the_probe(capsys):
+@pytest.mark.parametrize("argv, named", [(["--stage", "tower"], "--grounding-weight"),
+                                         (["--frame-sizes", "112,100"], "--frame-sizes"),
+                                         (["--frame-sizes", "112,"], "--frame-sizes"),
+                                         (["--eval-frame-size", "0"], "--eval-frame-size")])
+def test_bad_stage_and_frame_size_options_are_refused(capsys, argv, named):
     with pytest.raises(SystemExit) as exit_info:
-        train_qwen.parse_args(["--stage", "tower"])
+        train_qwen.parse_args(argv)
     assert exit_info.value.code == 2
-    assert "--grounding-weight" in capsys.readouterr().err
+    assert named in capsys.readouterr().err
 
 
 def test_unknown_target_kind_is_refused(capsys):
