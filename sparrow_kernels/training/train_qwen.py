@@ -581,10 +581,15 @@ def _worker_init(tokenizer_dir: str) -> None:
     _WORKER_TOKENIZER = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
 
 
-def _worker_batch(seed: int, step: int, args) -> dict:
+def stage_batch(seed: int, step: int, args, tokenizer) -> dict:
+    """The batch of `step` for the run's `--stage`."""
     if args.stage == "tower":
         return make_tower_batch(seed, step, args)
-    return make_batch(seed, step, args, _WORKER_TOKENIZER)
+    return make_batch(seed, step, args, tokenizer)
+
+
+def _worker_batch(seed: int, step: int, args) -> dict:
+    return stage_batch(seed, step, args, _WORKER_TOKENIZER)
 
 
 def init_probe_head(head, init: Path, probe: str) -> None:
@@ -634,9 +639,7 @@ class QwenJob(TrainJob):
 
     def make_batch(self, step: int) -> dict:
         if self.args.data_workers <= 0:
-            if self.args.stage == "tower":
-                return make_tower_batch(self.args.seed, step, self.args)
-            return make_batch(self.args.seed, step, self.args, self.tokenizer)
+            return stage_batch(self.args.seed, step, self.args, self.tokenizer)
         if self.pool is None:
             import concurrent.futures  # noqa: PLC0415
             import multiprocessing  # noqa: PLC0415
